@@ -1,0 +1,109 @@
+"""Settings, read once from the environment (and `.env`) into a typed frozen object.
+
+Names are fixed by CONTRACT.md §1. Each command reads only what it uses: `migrate` builds a
+`DatabaseSettings`, `serve` the full `Settings`. A bad value becomes one `ConfigError` line naming
+the variable, which the CLI prints without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message is one line naming the variable."""
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        case_sensitive=True,
+    )
+
+
+class DatabaseSettings(_Base):
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/gateway", alias="DATABASE_URL"
+    )
+
+
+class RedisSettings(_Base):
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
+    # Namespaces every key and channel, so several deployments (or test runs) share one Redis.
+    redis_prefix: str = Field(default="gw", alias="GATEWAY_REDIS_PREFIX", min_length=1)
+
+
+class Settings(RedisSettings, DatabaseSettings):
+    host: str = Field(default="127.0.0.1", alias="GATEWAY_HOST")
+    port: int = Field(default=8080, alias="GATEWAY_PORT", ge=0, le=65535)
+    admin_token: str | None = Field(default=None, alias="ADMIN_TOKEN")
+    openai_base_url: str = Field(default="https://api.openai.com/v1", alias="OPENAI_BASE_URL")
+    openai_api_key: str | None = Field(default=None, alias="OPENAI_API_KEY")
+    env: Literal["dev", "prod"] = Field(default="prod", alias="GATEWAY_ENV")
+    max_frame_bytes: int = Field(default=16 * MIB, alias="GATEWAY_MAX_FRAME_BYTES", gt=0)
+    max_sockets: int = Field(default=10_000, alias="GATEWAY_MAX_SOCKETS", gt=0)
+    context_bytes: int = Field(default=8 * MIB, alias="GATEWAY_CONTEXT_BYTES", ge=0)
+    context_total_bytes: int = Field(default=1024 * MIB, alias="GATEWAY_CONTEXT_TOTAL_BYTES", ge=0)
+    upstream_max_age_seconds: float = Field(
+        default=3300, alias="GATEWAY_UPSTREAM_MAX_AGE_SECONDS", gt=0
+    )
+    upstream_handshake_seconds: float = Field(
+        default=10, alias="GATEWAY_UPSTREAM_HANDSHAKE_SECONDS", gt=0
+    )
+    upstream_idle_seconds: float = Field(default=300, alias="GATEWAY_UPSTREAM_IDLE_SECONDS", gt=0)
+    upstream_max_frame_bytes: int = Field(
+        default=256 * MIB, alias="GATEWAY_UPSTREAM_MAX_FRAME_BYTES", gt=0
+    )
+    http_fallback: bool = Field(default=True, alias="GATEWAY_HTTP_FALLBACK")
+    drain_seconds: float = Field(default=30, alias="GATEWAY_DRAIN_SECONDS", ge=0)
+    spill_dir: Path = Field(default=Path("./var/spill"), alias="GATEWAY_SPILL_DIR")
+    node_id: str | None = Field(default=None, alias="GATEWAY_NODE_ID")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", alias="GATEWAY_LOG_LEVEL"
+    )
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def upstream_ws_url(self) -> str:
+        """`https`→`wss`, `http`→`ws`, plus `/responses` (CONTRACT.md §1)."""
+        base = self.openai_base_url
+        scheme, rest = base.split("://", 1)
+        return ("wss" if scheme == "https" else "ws") + "://" + rest + "/responses"
+
+    def check_serve(self) -> None:
+        if not self.admin_token and self.env != "dev":
+            raise ConfigError("ADMIN_TOKEN: required unless GATEWAY_ENV=dev")
+
+
+_T = TypeVar("_T", bound=_Base)
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else "?"
+    value = err.get("input")
+    shown = "" if value is None or isinstance(value, dict) else f" (got {value!r})"
+    return f"{name}: {err['msg']}{shown}"
+
+
+def load(cls: type[_T], **overrides: object) -> _T:
+    """Build a settings object, turning a validation error into one `ConfigError` line."""
+    try:
+        return cls(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None

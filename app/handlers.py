@@ -1,0 +1,141 @@
+"""Public endpoints: the WebSocket session's handshake (CONTRACT.md §3), health and metrics."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import metrics
+from app.errors import Code, GatewayError
+from app.http import error_response
+from app.keystore import Principal, secret_status
+from app.models import ApiKey, Team
+from app.node import NODE, Node
+from app.protocol import normalize_query_model
+from app.session import Session, new_socket_id
+
+log = logging.getLogger("gateway.handlers")
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get(hdrs.AUTHORIZATION, "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def authenticate(node: Node, request: web.Request) -> tuple[Principal, ApiKey, Team]:
+    """The gateway key of a request, or the refusal (401/403/503) it gets."""
+    secret = bearer(request)
+    if secret is None:
+        raise GatewayError(Code.INVALID_API_KEY, "Missing API key: send Authorization: Bearer.")
+    found = await node.store.lookup_secret(secret)
+    if found is None:
+        raise GatewayError(Code.INVALID_API_KEY)
+    key, digest = found
+    status = secret_status(key, digest, datetime.now(UTC))
+    if status is not None:
+        raise GatewayError(status)
+    await node.view.load()  # at least as fresh as this handshake
+    team = node.view.view.teams.get(key.team_id)
+    if team is None or not team.active:
+        raise GatewayError(Code.TEAM_DISABLED)
+    node.key_cache[key.id] = key
+    principal = Principal(key_id=key.id, key_prefix=key.prefix, team_id=team.id, secret_hash=digest)
+    return principal, key, team
+
+
+def _refuse(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+    metrics.WS_CONNECTIONS_TOTAL.labels(outcome=str(err.code)).inc()
+    metrics.count_error(err.code)
+    return error_response(err, headers)
+
+
+async def responses_ws(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/responses/ws` and `GET /v1/responses`: the handshake, in the contract's order."""
+    node = request.app[NODE]
+    if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
+        return _refuse(GatewayError(Code.WEBSOCKET_UPGRADE_REQUIRED), {"Upgrade": "websocket"})
+    if node.draining:
+        return _refuse(GatewayError(Code.SERVER_SHUTTING_DOWN), {"Retry-After": "1"})
+    try:
+        principal, _key, team = await authenticate(node, request)
+        if len(node.sessions) >= node.settings.max_sockets:
+            raise GatewayError(Code.SERVER_OVERLOADED)
+        model = request.query.get("model") or None
+        if model is not None:
+            model = normalize_query_model(model)
+        socket_id = new_socket_id()
+        limits = team.limits
+        if not await node.store.acquire_socket(
+            principal, socket_id, limits.sockets_per_key, limits.sockets_per_team
+        ):
+            raise GatewayError(Code.TOO_MANY_CONNECTIONS)
+    except GatewayError as err:
+        return _refuse(err)
+    return await _serve_socket(node, request, principal, socket_id, model)
+
+
+async def _serve_socket(
+    node: Node, request: web.Request, principal: Principal, socket_id: str, model: str | None
+) -> web.StreamResponse:
+    ws = web.WebSocketResponse(max_msg_size=node.settings.max_frame_bytes, autoping=True)
+    session = Session(node, ws, principal, socket_id, model)
+    try:
+        await ws.prepare(request)
+        node.add_session(session)
+        metrics.WS_CONNECTIONS_TOTAL.labels(outcome="accepted").inc()
+        metrics.WS_CONNECTIONS_ACTIVE.inc()
+        try:
+            await node.store.register_session(principal, socket_id, session.info())
+        except GatewayError:
+            pass  # the lease refresher registers it once Redis answers
+        log.info(
+            "socket open",
+            extra={"socket_id": socket_id, "key_prefix": principal.key_prefix},
+        )
+        await session.run()
+    finally:
+        if node.remove_session(session):
+            metrics.WS_CONNECTIONS_ACTIVE.dec()
+        try:
+            await node.store.release_socket(principal, socket_id)
+        except GatewayError:
+            pass  # the slot's lease lapses within a minute
+        log.info(
+            "socket closed",
+            extra={
+                "socket_id": socket_id,
+                "key_prefix": principal.key_prefix,
+                "close_code": ws.close_code,
+                "closed_by": session.closed_by,
+            },
+        )
+    return ws
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    redis_ok = await node.store.ping()
+    body = {"redis": redis_ok, "postgres": node.ledger.postgres_up, "draining": node.draining}
+    ready = redis_ok and not node.draining
+    return web.Response(
+        status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
+    )
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    metrics.LEDGER_PENDING_ROWS.set(node.ledger.pending_rows)
+    return web.Response(
+        body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )

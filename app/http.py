@@ -1,0 +1,37 @@
+"""HTTP plumbing shared by every handler: OpenAI-shaped error responses and the error middleware."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from app.errors import Code, GatewayError
+
+log = logging.getLogger("gateway.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=err.status,
+        body=err.http_body(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every HTTP error body has OpenAI's shape, an unknown route's 404 included."""
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        return error_response(err)
+    except web.HTTPNotFound:
+        return error_response(GatewayError(Code.NOT_FOUND, f"No route for {request.path}."))
+    except web.HTTPMethodNotAllowed as exc:
+        err = GatewayError(Code.METHOD_NOT_ALLOWED, f"{request.method} is not allowed here.")
+        return error_response(err, {"Allow": ",".join(sorted(exc.allowed_methods))})

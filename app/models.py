@@ -1,0 +1,112 @@
+"""Records kept in Redis: teams, keys, prices. Pydantic models, validated on the way in and out."""
+
+from __future__ import annotations
+
+import fnmatch
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_CREDENTIAL = "OPENAI_API_KEY"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sockets_per_key: int = Field(default=0, ge=0)
+    sockets_per_team: int = Field(default=0, ge=0)
+    responses_per_minute_per_key: int = Field(default=0, ge=0)
+
+
+class Team(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = ""
+    active: bool = True
+    allowed_models: list[str] = Field(default_factory=list)
+    upstream_credential: str = Field(
+        default=DEFAULT_CREDENTIAL,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+    )
+    limits: Limits = Field(default_factory=Limits)
+
+    def allows(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.allowed_models)
+
+
+class OldSecret(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    hash: str
+    until: datetime
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    team_id: str
+    name: str = ""
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    secret_hash: str
+    old_secrets: list[OldSecret] = Field(default_factory=list)
+
+    def public(self) -> dict[str, object]:
+        """What admin listings show: never the secret or its hash."""
+        return {
+            "id": self.id,
+            "prefix": self.prefix,
+            "team_id": self.team_id,
+            "name": self.name,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "revoked": self.revoked_at is not None,
+        }
+
+
+class Price(BaseModel):
+    """USD per million tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_per_mtok: Decimal = Field(ge=0)
+    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+
+    @field_validator("input_per_mtok", "cached_input_per_mtok", "output_per_mtok", mode="before")
+    @classmethod
+    def _no_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return value
+
+    @property
+    def cached(self) -> Decimal:
+        return (
+            self.input_per_mtok
+            if self.cached_input_per_mtok is None
+            else self.cached_input_per_mtok
+        )
+
+    def cost(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> Decimal:
+        """CONTRACT.md §6; usage can be odd upstream, so figures are clamped first."""
+        input_tokens = max(input_tokens, 0)
+        cached_tokens = min(max(cached_tokens, 0), input_tokens)
+        output_tokens = max(output_tokens, 0)
+        total = (
+            (input_tokens - cached_tokens) * self.input_per_mtok
+            + cached_tokens * self.cached
+            + output_tokens * self.output_per_mtok
+        )
+        return total / Decimal(1_000_000)

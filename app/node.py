@@ -1,0 +1,108 @@
+"""Resources shared by every socket of one gateway node, reached through typed `web.AppKey`s."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from app.config import Settings
+from app.errors import GatewayError
+from app.keystore import KeyStore, NodeView
+from app.memory import MemoryBudget
+from app.models import DEFAULT_CREDENTIAL, ApiKey
+
+if TYPE_CHECKING:
+    from app.ledger import Ledger
+    from app.session import Session
+
+
+class Node:
+    def __init__(self, settings: Settings, store: KeyStore, ledger: Ledger) -> None:
+        self.settings = settings
+        self.store = store
+        self.ledger = ledger
+        self.id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.view = NodeView(store, on_tick=self._on_view_tick)
+        self.memory_budget = MemoryBudget(settings.context_total_bytes)
+        self.sessions: set[Session] = set()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+        # Key records of live sockets, refreshed when the store's version moves (revocation).
+        self.key_cache: dict[str, ApiKey] = {}
+        self.draining = False
+        self.http: aiohttp.ClientSession | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+
+    def credential(self, name: str) -> str | None:
+        """The upstream key a team's credential NAME points at on this node, if set."""
+        if name == DEFAULT_CREDENTIAL:
+            return self.settings.openai_api_key or os.environ.get(name) or None
+        return os.environ.get(name) or None
+
+    def add_session(self, session: Session) -> None:
+        self.sessions.add(session)
+        self._no_sessions.clear()
+
+    def remove_session(self, session: Session) -> bool:
+        if session not in self.sessions:
+            return False
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
+        return True
+
+    async def wait_no_sessions(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._no_sessions.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def upstream_http(self) -> aiohttp.ClientSession:
+        assert self.http is not None, "node not started"
+        return self.http
+
+    async def _on_view_tick(self, changed: bool) -> None:
+        live = {s.principal.key_id for s in self.sessions}
+        if changed and live:
+            try:
+                self.key_cache = await self.store.get_keys(live)
+            except GatewayError:
+                pass  # Redis away: live sockets keep serving on what they last saw
+        for session in list(self.sessions):
+            await session.recheck_principal()
+
+    async def _refresh_leases(self) -> None:
+        from app.keystore import LEASE_REFRESH_SECONDS
+
+        while True:
+            await asyncio.sleep(LEASE_REFRESH_SECONDS)
+            entries: list[Any] = [(s.principal, s.id, s.info()) for s in self.sessions]
+            try:
+                await self.store.refresh_leases(entries)
+            except Exception:
+                pass
+
+    async def start(self) -> None:
+        from app.upstream import new_http_session
+
+        self.http = new_http_session()
+        await self.view.start()
+        self._lease_task = asyncio.create_task(self._refresh_leases(), name="leases")
+
+    async def stop(self) -> None:
+        await self.view.stop()
+        if self._lease_task:
+            self._lease_task.cancel()
+        if self.http:
+            await self.http.close()
+
+
+NODE = web.AppKey("node", Node)

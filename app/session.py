@@ -1,0 +1,704 @@
+"""One customer socket: the per-socket rules of CONTRACT.md §3 as an explicit state machine.
+
+    IDLE --accepted response.create--> IN_FLIGHT --terminal event / error--> IDLE
+    IDLE | IN_FLIGHT --close (either side), revocation, drain--> CLOSING --> CLOSED
+
+`_transition` is the one place that changes state. The client reader runs in the handler's task;
+each upstream socket has one reader task that forwards events in order (the hot path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import WSMsgType, web
+
+from app import metrics
+from app.errors import Code, GatewayError
+from app.keystore import Principal, secret_status
+from app.ledger import SocketClosed, SocketOpened, TurnRecord
+from app.memory import ConversationMemory, as_items
+from app.node import Node
+from app.protocol import ClientFrame, Ignored, parse_client_frame, stream_id_of
+from app.upstream import UpstreamConn, UpstreamHandshakeError, open_upstream
+
+log = logging.getLogger("gateway.session")
+
+TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# The only upstream events the gateway looks into; every other event is forwarded unparsed.
+INSPECTED = TERMINAL | {"response.created", "error"}
+_TYPE_PREFIX = '{"type":"'
+LIMIT_REACHED = "websocket_connection_limit_reached"
+NOT_FOUND = "previous_response_not_found"
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    IN_FLIGHT = "in_flight"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_ALLOWED = {
+    State.IDLE: {State.IN_FLIGHT, State.CLOSING},
+    State.IN_FLIGHT: {State.IDLE, State.CLOSING},
+    State.CLOSING: {State.CLOSED},
+    State.CLOSED: set(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def event_type(text: str) -> str | None:
+    """The event's type without parsing it when the frame starts with its `type` (the norm)."""
+    if text.startswith(_TYPE_PREFIX):
+        end = text.find('"', 9)
+        if end > 0:
+            return text[9:end]
+    try:
+        value = orjson.loads(text)
+    except (orjson.JSONDecodeError, RecursionError, ValueError):
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+class Turn:
+    """One accepted `response.create` until its terminal event."""
+
+    __slots__ = (
+        "conn",
+        "duration_ms",
+        "events",
+        "first_event_at",
+        "frame",
+        "http_fallback",
+        "memory_bound_exceeded",
+        "received_at",
+        "response_id",
+        "retried",
+        "sent_input",
+        "sent_previous_id",
+        "started",
+        "task",
+    )
+
+    def __init__(self, frame: ClientFrame) -> None:
+        self.frame = frame
+        self.received_at = now_utc()
+        self.started = time.perf_counter()
+        self.first_event_at: float | None = None
+        self.events = 0
+        self.retried = False
+        self.http_fallback = False
+        self.memory_bound_exceeded = False
+        self.response_id: str | None = None
+        self.conn: UpstreamConn | None = None
+        self.sent_previous_id: str | None = None
+        self.sent_input: list[Any] = []
+        self.task: asyncio.Task[None] | None = None
+
+
+class Session:
+    def __init__(
+        self,
+        node: Node,
+        ws: web.WebSocketResponse,
+        principal: Principal,
+        socket_id: str,
+        model: str | None,
+    ) -> None:
+        self.node = node
+        self.ws = ws
+        self.principal = principal
+        self.id = socket_id
+        self.model = model  # locked model, `openai/<model>`
+        self.state = State.IDLE
+        self.turn: Turn | None = None
+        self.turns = 0
+        self.opened_at = now_utc()
+        self.upstream: UpstreamConn | None = None
+        self._upstream_reader: asyncio.Task[None] | None = None
+        self.last_upstream_close: tuple[int | None, str | None] = (None, None)
+        self.closed_by = "client"
+        self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
+        self._last_upstream_frame = time.monotonic()
+        self._close_after_turn: int | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _transition(self, new: State) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"{self.state.value} -> {new.value}")
+        self.state = new
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "node": self.node.id,
+            "key_prefix": self.principal.key_prefix,
+            "team_id": self.principal.team_id,
+            "model": self.model,
+            "opened_at": self.opened_at.isoformat(),
+            "turns": self.turns,
+        }
+
+    # -- the client side ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read client frames until the socket ends; always leaves a closed, recorded session."""
+        self.node.ledger.record(
+            SocketOpened(
+                socket_id=self.id,
+                node=self.node.id,
+                key_id=self.principal.key_id,
+                key_prefix=self.principal.key_prefix,
+                team_id=self.principal.team_id,
+                model=self.model,
+                opened_at=self.opened_at,
+            )
+        )
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self.on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await self.refuse(
+                        GatewayError(
+                            Code.INVALID_RESPONSE_CREATE,
+                            "Expected a text frame holding one JSON object, got a binary frame.",
+                        )
+                    )
+                if self.state in (State.CLOSING, State.CLOSED):
+                    break
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            log.debug("client socket %s failed: %s", self.id, exc)
+        finally:
+            await self._finish()
+
+    async def on_text(self, data: str) -> None:
+        """Checks 1-8 of CONTRACT.md §3 in order, then the turn goes upstream (check 9)."""
+        try:
+            frame = parse_client_frame(data)  # checks 1-4
+            self._check_routing(frame)  # 5
+            if self.state is State.IN_FLIGHT:  # 6
+                raise GatewayError(Code.RESPONSE_ALREADY_IN_FLIGHT)
+            if self.model is not None and frame.model != self.model:  # 7
+                raise GatewayError(
+                    Code.MODEL_MISMATCH,
+                    f"This socket is locked to {self.model}; got {frame.model}.",
+                    param="model",
+                )
+            team = self.node.view.view.teams.get(self.principal.team_id)
+            limit = team.limits.responses_per_minute_per_key if team else 0
+            if not await self.node.store.allow_response(self.principal.key_id, limit):  # 8
+                raise GatewayError(Code.RATE_LIMIT_EXCEEDED)
+        except Ignored:
+            return
+        except GatewayError as err:
+            await self.refuse(err, stream_id_of(data), model=_model_of(err, data))
+            return
+        if self.state is not State.IDLE:  # closed while waiting on the rate limit
+            return
+        self._accept(frame)
+
+    def _check_routing(self, frame: ClientFrame) -> None:
+        view = self.node.view.view
+        team = view.teams.get(self.principal.team_id)
+        reasons: list[str] = []
+        if team is None or not team.allows(frame.model):
+            reasons.append("model_not_allowed")
+        if team is None or not self.node.credential(team.upstream_credential):
+            reasons.append("openai_provider_unavailable")
+        if frame.model not in view.catalog:
+            reasons.append("pricing_unavailable")
+        if reasons:
+            raise GatewayError(
+                Code.OPENAI_ROUTING_FAILED,
+                f"Cannot route {frame.model}: {', '.join(reasons)}.",
+                param="model",
+                details={"reasons": reasons},
+            )
+
+    def _accept(self, frame: ClientFrame) -> None:
+        self.model = frame.model
+        self.turns += 1
+        turn = Turn(frame)
+        self.turn = turn
+        self._transition(State.IN_FLIGHT)
+        turn.task = asyncio.create_task(self._start_turn(turn), name=f"turn-{self.id}")
+
+    async def refuse(
+        self, err: GatewayError, stream_id: Any = None, model: str | None = None
+    ) -> None:
+        """An error frame for a refused frame; the socket stays open (or closes, per the code)."""
+        metrics.count_error(err.code)
+        self.node.ledger.record(
+            TurnRecord(
+                socket_id=self.id,
+                node=self.node.id,
+                key_id=self.principal.key_id,
+                key_prefix=self.principal.key_prefix,
+                team_id=self.principal.team_id,
+                transport="ws",
+                model=model,
+                received_at=now_utc(),
+                accepted=False,
+                error_code=str(err.code),
+            )
+        )
+        await self._send_error(err, stream_id)
+
+    async def _send_error(self, err: GatewayError, stream_id: Any = None) -> None:
+        await self._send(err.ws_frame(stream_id))
+        if err.spec.close_code is not None:
+            await self.close(err.spec.close_code, err.code)
+
+    async def _send(self, text: str) -> bool:
+        if self.ws.closed:
+            return False
+        try:
+            await self.ws.send_str(text)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            return False
+        return True
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """The gateway closes the client socket."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            return
+        self.closed_by = "gateway"
+        self._transition(State.CLOSING)
+        with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+            await self.ws.close(code=code, message=reason.encode()[:120])
+
+    # -- turns ----------------------------------------------------------------------------------
+
+    async def _start_turn(self, turn: Turn) -> None:
+        try:
+            conn = await self._ensure_upstream()
+        except UpstreamHandshakeError as exc:
+            err = GatewayError(
+                Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED,
+                f"Could not open the upstream WebSocket to OpenAI: {exc.detail}.",
+            )
+            await self._end_turn(turn, "error", error=err)
+            return
+        body = turn.frame.upstream_body()
+        own = as_items(turn.frame.input)
+        previous = turn.frame.previous_response_id
+        if conn.served == 0 and previous is not None and own is not None:
+            # A new upstream socket has an empty cache: continue the chain from memory.
+            chain = self.memory.chain_for(previous)
+            if chain is not None:
+                body["previous_response_id"] = None
+                body["input"] = [*chain, *own]
+        await self._send_upstream(turn, conn, body)
+
+    async def _send_upstream(self, turn: Turn, conn: UpstreamConn, body: dict[str, Any]) -> None:
+        turn.conn = conn
+        turn.sent_previous_id = body.get("previous_response_id")
+        turn.sent_input = as_items(body.get("input")) or []
+        self._last_upstream_frame = time.monotonic()
+        try:
+            await conn.send(body)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            pass  # the upstream reader sees the close and ends the turn
+
+    async def _ensure_upstream(self) -> UpstreamConn:
+        conn = self.upstream
+        settings = self.node.settings
+        if conn is not None and conn.usable and conn.age < settings.upstream_max_age_seconds:
+            return conn
+        if conn is not None:
+            self.upstream = None
+            await conn.close()
+        team = self.node.view.view.teams.get(self.principal.team_id)
+        credential = self.node.credential(team.upstream_credential) if team else None
+        if not credential:
+            raise UpstreamHandshakeError("no upstream credential on this node")
+        conn = await open_upstream(
+            self.node.upstream_http,
+            settings.upstream_ws_url,
+            credential,
+            timeout=settings.upstream_handshake_seconds,
+            max_msg_size=settings.upstream_max_frame_bytes,
+        )
+        self.upstream = conn
+        self._upstream_reader = asyncio.create_task(
+            self._read_upstream(conn), name=f"upstream-{self.id}"
+        )
+        return conn
+
+    async def _end_turn(
+        self,
+        turn: Turn,
+        status: str,
+        *,
+        error: GatewayError | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a finished turn, then (if the socket is open) tell the client and go IDLE."""
+        if self.turn is not turn:
+            return
+        self.turn = None
+        if self.state is State.IN_FLIGHT:
+            self._transition(State.IDLE)
+        if error is not None:
+            metrics.count_error(error.code)
+            await self._send_error(error, turn.frame.stream_id)
+        self._record_turn(turn, status, response)
+        if self._close_after_turn is not None and self.state is State.IDLE:
+            await self.close(self._close_after_turn, "server shutting down")
+
+    def _record_turn(self, turn: Turn, status: str, response: dict[str, Any] | None) -> None:
+        duration = time.perf_counter() - turn.started
+        model = turn.frame.model
+        usage = response.get("usage") if response else None
+        tokens = _usage_figures(usage)
+        cost: Decimal | None = None
+        price = self.node.view.view.catalog.get(model)
+        if tokens is not None and price is not None:
+            cost = price.cost(tokens[0], tokens[1], tokens[2])
+            _count_usage(model, self.principal.team_id, tokens, cost)
+        metrics.RESPONSES_TOTAL.labels(model=model, status=status).inc()
+        metrics.RESPONSE_DURATION.observe(duration)
+        ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
+        self.node.ledger.record(
+            TurnRecord(
+                socket_id=self.id,
+                node=self.node.id,
+                key_id=self.principal.key_id,
+                key_prefix=self.principal.key_prefix,
+                team_id=self.principal.team_id,
+                transport="ws",
+                model=model,
+                received_at=turn.received_at,
+                accepted=True,
+                error_code=None,
+                response_id=turn.response_id,
+                status=status,
+                previous_response_id=turn.frame.previous_response_id,
+                retried=turn.retried,
+                http_fallback=turn.http_fallback,
+                memory_bound_exceeded=turn.memory_bound_exceeded,
+                input_tokens=tokens[0] if tokens else None,
+                cached_tokens=tokens[1] if tokens else None,
+                output_tokens=tokens[2] if tokens else None,
+                reasoning_tokens=tokens[3] if tokens else None,
+                cost_usd=cost,
+                ttfe_ms=None if ttfe is None else ttfe * 1000,
+                duration_ms=duration * 1000,
+            )
+        )
+
+    # -- the upstream side (hot path) -----------------------------------------------------------
+
+    async def _read_upstream(self, conn: UpstreamConn) -> None:
+        idle = self.node.settings.upstream_idle_seconds
+        ws = conn.ws
+        while True:
+            timeout = idle
+            if self.turn is not None:
+                timeout = idle - (time.monotonic() - self._last_upstream_frame)
+            try:
+                msg = await ws.receive(timeout=max(timeout, 0.001))
+            except TimeoutError:
+                if self.turn is not None and self.turn.conn is conn:
+                    if time.monotonic() - self._last_upstream_frame >= idle:
+                        await self._upstream_lost(
+                            conn, 1006, f"upstream silent for {idle:g} s", abort=True
+                        )
+                        return
+                continue
+            except (ConnectionError, aiohttp.ClientError, RuntimeError):
+                await self._upstream_lost(conn, 1006, "upstream connection dropped")
+                return
+            if msg.type is WSMsgType.TEXT:
+                self._last_upstream_frame = time.monotonic()
+                if not await self._on_upstream_text(conn, msg.data):
+                    return
+            elif msg.type is WSMsgType.BINARY:
+                self._last_upstream_frame = time.monotonic()
+                with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                    await self.ws.send_bytes(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                await self._upstream_lost(conn, int(msg.data), str(msg.extra or ""))
+                return
+            else:  # CLOSING, CLOSED, ERROR: the connection went without a close frame
+                code = ws.close_code if ws.close_code and ws.close_code != 1000 else 1006
+                reason = "upstream connection dropped"
+                if msg.type is WSMsgType.ERROR:
+                    reason = f"upstream connection failed ({type(msg.data).__name__})"
+                await self._upstream_lost(conn, code, reason)
+                return
+
+    async def _on_upstream_text(self, conn: UpstreamConn, text: str) -> bool:
+        """Forward one upstream event; False when the client is gone."""
+        received = time.perf_counter()
+        turn = self.turn
+        kind = event_type(text)
+        if kind in INSPECTED:
+            handled = await self._inspect(conn, turn, kind, text)
+            if handled is not None:
+                return handled
+        if turn is not None:
+            turn.events += 1
+            if turn.first_event_at is None:
+                turn.first_event_at = received
+                metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
+        if not await self._send(text):
+            return False
+        metrics.OVERHEAD.observe(time.perf_counter() - received)
+        return True
+
+    async def _inspect(
+        self, conn: UpstreamConn, turn: Turn | None, kind: str | None, text: str
+    ) -> bool | None:
+        """The few events that matter to the session. None: forward as usual."""
+        event = orjson.loads(text)
+        if kind == "response.created":
+            if turn is not None:
+                turn.response_id = _response_id(event)
+            return None
+        if kind in TERMINAL:
+            if turn is None:
+                return None
+            response = event.get("response") if isinstance(event.get("response"), dict) else {}
+            turn.response_id = _response_id(event) or turn.response_id
+            if not await self._forward_final(turn, text):
+                return False
+            status = str(response.get("status") or kind.removeprefix("response."))
+            if kind == "response.failed":
+                self.memory.forget(turn.frame.previous_response_id)
+            elif turn.response_id:
+                output = response.get("output")
+                self.memory.record(
+                    turn.sent_previous_id,
+                    turn.sent_input,
+                    turn.response_id,
+                    output if isinstance(output, list) else [],
+                )
+            await self._end_turn(turn, status, response=response)
+            return True
+        return await self._on_upstream_error(conn, turn, event)
+
+    async def _forward_final(self, turn: Turn, text: str) -> bool:
+        turn.events += 1
+        if turn.first_event_at is None:
+            turn.first_event_at = time.perf_counter()
+        return await self._send(text)
+
+    async def _on_upstream_error(
+        self, conn: UpstreamConn, turn: Turn | None, event: dict[str, Any]
+    ) -> bool | None:
+        error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        code = error.get("code")
+        if code == LIMIT_REACHED:
+            conn.stale = True  # never forwarded; the next turn opens a new upstream socket
+            return True
+        if turn is not None and code == NOT_FOUND and await self._retry(conn, turn):
+            return True
+        if "status" not in event:
+            # Codex hangs on an error without status (CONTRACT.md §3).
+            event["status"] = 400 if error.get("type") == "invalid_request_error" else 500
+            text = orjson.dumps(event).decode()
+        else:
+            text = None
+        if turn is None:
+            return None if text is None else await self._send(text)
+        if code != NOT_FOUND:
+            self.memory.forget(turn.frame.previous_response_id)
+        elif self.memory.was_dropped(turn.frame.previous_response_id):
+            turn.memory_bound_exceeded = True
+        if text is None:
+            text = orjson.dumps(event).decode()
+        ok = await self._forward_final(turn, text)
+        metrics.count_error(str(code or "upstream_error"))
+        await self._end_turn(turn, "error")
+        return ok
+
+    async def _retry(self, conn: UpstreamConn, turn: Turn) -> bool:
+        """One retry of a `previous_response_not_found`, with the remembered chain."""
+        previous = turn.frame.previous_response_id
+        own = turn.frame.input
+        if turn.retried or previous is None or not isinstance(own, list) or turn.events:
+            return False
+        chain = self.memory.chain_for(previous)
+        if chain is None:
+            return False
+        turn.retried = True
+        metrics.UPSTREAM_RETRIES_TOTAL.labels(reason=NOT_FOUND).inc()
+        body = turn.frame.upstream_body(previous_response_id=None, input=[*chain, *own])
+        await self._send_upstream(turn, conn, body)
+        return True
+
+    async def _upstream_lost(
+        self, conn: UpstreamConn, code: int, reason: str, *, abort: bool = False
+    ) -> None:
+        """The upstream socket ended (close frame, drop or silence)."""
+        if abort:
+            await conn.close()
+        metrics.WS_CLOSES_TOTAL.labels(side="upstream", code=str(code)).inc()
+        self.last_upstream_close = (code, reason)
+        if self.upstream is conn:
+            self.upstream = None
+        turn = self.turn
+        if turn is None or turn.conn is not conn or self.state is not State.IN_FLIGHT:
+            return
+        shown = reason or "no reason given"
+        err = GatewayError(
+            Code.UPSTREAM_WEBSOCKET_CLOSED,
+            f"The upstream WebSocket closed with code {code} ({shown}) mid-response.",
+            details={"upstream_close_code": code, "upstream_close_reason": reason},
+        )
+        await self._end_turn(turn, "error", error=err)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def recheck_principal(self) -> None:
+        """Called about 4 times a second by the node: revocation, expiry, team disable."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            return
+        code = self._principal_status()
+        if code is not None:
+            err = GatewayError(code)
+            metrics.count_error(code)
+            await self._abort_turn("error")
+            await self._send_error(err)
+
+    def _principal_status(self) -> Code | None:
+        team = self.node.view.view.teams.get(self.principal.team_id)
+        if team is not None and not team.active:
+            return Code.TEAM_DISABLED
+        key = self.node.key_cache.get(self.principal.key_id)
+        if key is None:
+            return None
+        status = secret_status(key, self.principal.secret_hash, now_utc())
+        if status is Code.INVALID_API_KEY:
+            return Code.API_KEY_EXPIRED
+        return status
+
+    async def _abort_turn(self, status: str) -> None:
+        turn = self.turn
+        if turn is None:
+            return
+        self.turn = None
+        if turn.task is not None and not turn.task.done():
+            turn.task.cancel()
+        if self.state is State.IN_FLIGHT:
+            self._transition(State.IDLE)
+        self._record_turn(turn, status, None)
+
+    async def drain(self) -> None:
+        """SIGTERM: close at once when idle, right after the terminal event when in flight."""
+        self._close_after_turn = 1001
+        if self.state is State.IDLE:
+            await self.close(1001, "server shutting down")
+
+    async def drain_deadline(self) -> None:
+        if self.state is State.IN_FLIGHT:
+            turn = self.turn
+            await self._abort_turn("error")
+            await self._send_error(
+                GatewayError(Code.SERVER_SHUTTING_DOWN),
+                turn.frame.stream_id if turn else None,
+            )
+
+    async def _finish(self) -> None:
+        """After the client loop: cancel the turn, close upstream, record the socket."""
+        if self.state is not State.CLOSING and self.state is not State.CLOSED:
+            self._transition(State.CLOSING)
+        await self._abort_turn("cancelled")
+        if self._upstream_reader is not None:
+            self._upstream_reader.cancel()
+        if self.upstream is not None:
+            conn, self.upstream = self.upstream, None
+            await conn.close()
+            if self.last_upstream_close == (None, None):
+                self.last_upstream_close = (1000, "client socket closed")
+        self.memory.clear()
+        self._transition(State.CLOSED)
+        code = self.ws.close_code
+        metrics.WS_CLOSES_TOTAL.labels(side=self.closed_by, code=str(code)).inc()
+        reason = ""
+        self.node.ledger.record(
+            SocketClosed(
+                socket_id=self.id,
+                closed_at=now_utc(),
+                closed_by=self.closed_by,
+                close_code=code,
+                close_reason=reason,
+                upstream_close_code=self.last_upstream_close[0],
+                upstream_close_reason=self.last_upstream_close[1],
+                turns=self.turns,
+                model=self.model,
+            )
+        )
+
+
+def _response_id(event: dict[str, Any]) -> str | None:
+    response = event.get("response")
+    if isinstance(response, dict):
+        value = response.get("id")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _model_of(err: GatewayError, data: str) -> str | None:
+    """The model a refused frame named, when it is a valid one (for the ledger)."""
+    if err.code is Code.INVALID_RESPONSE_CREATE:
+        return None
+    try:
+        return parse_client_frame(data).model
+    except (GatewayError, Ignored):
+        return None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _usage_figures(usage: object) -> tuple[int, int, int, int] | None:
+    """(input, cached, output, reasoning), clamped: upstream usage can be odd."""
+    if not isinstance(usage, dict):
+        return None
+    details_in = usage.get("input_tokens_details")
+    details_out = usage.get("output_tokens_details")
+    input_tokens = max(_int(usage.get("input_tokens")), 0)
+    cached = _int(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0
+    reasoning = _int(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0
+    return (
+        input_tokens,
+        min(max(cached, 0), input_tokens),
+        max(_int(usage.get("output_tokens")), 0),
+        max(reasoning, 0),
+    )
+
+
+def _count_usage(model: str, team: str, tokens: tuple[int, int, int, int], cost: Decimal) -> None:
+    for kind, value in zip(("input", "cached_input", "output", "reasoning"), tokens, strict=True):
+        if value:
+            metrics.TOKENS_TOTAL.labels(model=model, kind=kind).inc(value)
+    if cost > 0:
+        metrics.COST_USD_TOTAL.labels(team=team).inc(float(cost))
+
+
+def new_socket_id() -> str:
+    return "ws_" + uuid.uuid4().hex

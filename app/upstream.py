@@ -1,0 +1,97 @@
+"""The upstream link: the only module that speaks to OpenAI.
+
+One `UpstreamConn` per client socket (OpenAI keeps its `previous_response_id` cache on the
+connection). aiohttp's exceptions are translated here into `UpstreamHandshakeError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+USER_AGENT = "openai-ws-gateway/0.1"
+
+
+class UpstreamHandshakeError(Exception):
+    """The upstream WebSocket could not be opened; `detail` is safe to show a customer."""
+
+    def __init__(self, detail: str, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+
+
+def new_http_session() -> aiohttp.ClientSession:
+    # limit=0: aiohttp's default caps a session at 100 connections, one per upstream socket here.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+class UpstreamConn:
+    __slots__ = ("opened_at", "served", "stale", "ws")
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.opened_at = time.monotonic()
+        self.served = 0  # requests sent on it; 0 means OpenAI's cache here is empty
+        self.stale = False  # OpenAI said `websocket_connection_limit_reached`
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.opened_at
+
+    @property
+    def usable(self) -> bool:
+        return not (self.stale or self.ws.closed)
+
+    async def send(self, body: dict[str, Any]) -> None:
+        self.served += 1
+        await self.ws.send_str(orjson.dumps(body).decode())
+
+    async def close(self) -> None:
+        if not self.ws.closed:
+            try:
+                await asyncio.wait_for(self.ws.close(), timeout=2.0)
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                pass
+
+
+async def open_upstream(
+    http: aiohttp.ClientSession,
+    url: str,
+    credential: str,
+    *,
+    timeout: float,
+    max_msg_size: int,
+) -> UpstreamConn:
+    headers = {
+        "Authorization": f"Bearer {credential}",
+        "OpenAI-Beta": "responses_websockets=2026-02-06",
+    }
+    try:
+        async with asyncio.timeout(timeout):
+            ws = await http.ws_connect(
+                url,
+                headers=headers,
+                max_msg_size=max_msg_size,
+                autoping=True,
+                autoclose=False,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            )
+    except TimeoutError:
+        raise UpstreamHandshakeError(f"upstream handshake timed out after {timeout:g} s") from None
+    except aiohttp.WSServerHandshakeError as exc:
+        raise UpstreamHandshakeError(
+            f"upstream refused the handshake with HTTP {exc.status}", exc.status
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamHandshakeError(f"upstream unreachable ({type(exc).__name__})") from None
+    return UpstreamConn(ws)
