@@ -104,6 +104,6 @@ def _one_line(exc: ValidationError) -> str:
 def load(cls: type[_T], **overrides: object) -> _T:
     """Build a settings object, turning a validation error into one `ConfigError` line."""
     try:
-        return cls(**overrides)  # type: ignore[arg-type]
+        return cls(**overrides)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None

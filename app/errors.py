@@ -43,7 +43,6 @@ class Code(enum.StrEnum):
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
     UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED = "upstream_websocket_handshake_failed"
     UPSTREAM_WEBSOCKET_CLOSED = "upstream_websocket_closed"
-    UPSTREAM_HTTP_FAILED = "upstream_http_failed"
     PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"
     # Errors that end the socket.
     API_KEY_REVOKED = "api_key_revoked"
@@ -75,7 +74,6 @@ SPECS: dict[Code, Spec] = {
         502, "Could not open the upstream WebSocket to OpenAI."
     ),
     Code.UPSTREAM_WEBSOCKET_CLOSED: Spec(502, "The upstream WebSocket closed mid-response."),
-    Code.UPSTREAM_HTTP_FAILED: Spec(502, "The upstream HTTP request to OpenAI failed."),
     Code.PREVIOUS_RESPONSE_NOT_FOUND: Spec(400, "Previous response not found."),
     Code.API_KEY_REVOKED: Spec(401, "This API key has been revoked.", close_code=1008),
     Code.API_KEY_EXPIRED: Spec(401, "This API key has expired.", close_code=1008),

@@ -33,5 +33,5 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPNotFound:
         return error_response(GatewayError(Code.NOT_FOUND, f"No route for {request.path}."))
     except web.HTTPMethodNotAllowed as exc:
-        err = GatewayError(Code.METHOD_NOT_ALLOWED, f"{request.method} is not allowed here.")
-        return error_response(err, {"Allow": ",".join(sorted(exc.allowed_methods))})
+        refusal = GatewayError(Code.METHOD_NOT_ALLOWED, f"{request.method} is not allowed here.")
+        return error_response(refusal, {"Allow": ",".join(sorted(exc.allowed_methods))})

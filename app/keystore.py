@@ -276,7 +276,7 @@ class KeyStore:
             self.k("slots", "key", principal.key_id),
             self.k("slots", "team", principal.team_id),
         ]
-        args = [now, now + LEASE_MS, socket_id, key_cap, team_cap]
+        args: list[str | int] = [now, now + LEASE_MS, socket_id, key_cap, team_cap]
         return bool(await self._call(self._acquire(keys=keys, args=args)))
 
     async def allow_response(self, key_id: str, limit: int) -> bool:
@@ -330,7 +330,8 @@ class KeyStore:
         ids = await self._call(self.redis.zrange(self.k("sessions"), 0, -1))
         if not ids:
             return []
-        raws = await self._call(self.redis.mget([self.k("session", _s(i)) for i in ids]))
+        names = [self.k("session", _s(i)) for i in ids if isinstance(i, bytes | str)]
+        raws = await self._call(self.redis.mget(names))
         return [orjson.loads(r) for r in raws if r]
 
 

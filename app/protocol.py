@@ -130,7 +130,7 @@ class ClientFrame:
 
     def upstream_body(self, **overrides: Any) -> dict[str, Any]:
         """The request as sent upstream (CONTRACT.md §3 check 9)."""
-        body = {"type": "response.create"}
+        body: dict[str, Any] = {"type": "response.create"}
         for key, value in self.fields.items():
             if key not in STRIPPED_FIELDS:
                 body[key] = value

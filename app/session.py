@@ -30,7 +30,13 @@ from app.ledger import SocketClosed, SocketOpened, TurnRecord
 from app.memory import ConversationMemory, as_items
 from app.node import Node
 from app.protocol import ClientFrame, Ignored, parse_client_frame, stream_id_of
-from app.upstream import UpstreamConn, UpstreamHandshakeError, open_upstream
+from app.upstream import (
+    UpstreamConn,
+    UpstreamHandshakeError,
+    UpstreamHTTPError,
+    open_upstream,
+    stream_http,
+)
 
 log = logging.getLogger("gateway.session")
 
@@ -449,7 +455,7 @@ class Session:
                 await self._upstream_lost(conn, code, reason)
                 return
 
-    async def _on_upstream_text(self, conn: UpstreamConn, text: str) -> bool:
+    async def _on_upstream_text(self, conn: UpstreamConn | None, text: str) -> bool:
         """Forward one upstream event; False when the client is gone."""
         received = time.perf_counter()
         turn = self.turn
@@ -469,7 +475,7 @@ class Session:
         return True
 
     async def _inspect(
-        self, conn: UpstreamConn, turn: Turn | None, kind: str | None, text: str
+        self, conn: UpstreamConn | None, turn: Turn | None, kind: str | None, text: str
     ) -> bool | None:
         """The few events that matter to the session. None: forward as usual."""
         event = orjson.loads(text)
@@ -480,7 +486,8 @@ class Session:
         if kind in TERMINAL:
             if turn is None:
                 return None
-            response = event.get("response") if isinstance(event.get("response"), dict) else {}
+            found = event.get("response")
+            response: dict[str, Any] = found if isinstance(found, dict) else {}
             turn.response_id = _response_id(event) or turn.response_id
             if not await self._forward_final(turn, text):
                 return False
@@ -506,14 +513,16 @@ class Session:
         return await self._send(text)
 
     async def _on_upstream_error(
-        self, conn: UpstreamConn, turn: Turn | None, event: dict[str, Any]
+        self, conn: UpstreamConn | None, turn: Turn | None, event: dict[str, Any]
     ) -> bool | None:
-        error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        found = event.get("error")
+        error: dict[str, Any] = found if isinstance(found, dict) else {}
         code = error.get("code")
         if code == LIMIT_REACHED:
-            conn.stale = True  # never forwarded; the next turn opens a new upstream socket
+            if conn is not None:
+                conn.stale = True  # never forwarded; the next turn opens a new upstream socket
             return True
-        if turn is not None and code == NOT_FOUND and await self._retry(conn, turn):
+        if turn and conn and code == NOT_FOUND and await self._retry(conn, turn):
             return True
         if "status" not in event:
             # Codex hangs on an error without status (CONTRACT.md §3).
@@ -562,13 +571,62 @@ class Session:
         turn = self.turn
         if turn is None or turn.conn is not conn or self.state is not State.IN_FLIGHT:
             return
-        shown = reason or "no reason given"
-        err = GatewayError(
-            Code.UPSTREAM_WEBSOCKET_CLOSED,
-            f"The upstream WebSocket closed with code {code} ({shown}) mid-response.",
-            details={"upstream_close_code": code, "upstream_close_reason": reason},
+        if self._wants_http_fallback(turn, code):
+            await self._http_fallback(turn, code, reason)
+            return
+        await self._end_turn(turn, "error", error=_closed_error(code, reason))
+
+    def _wants_http_fallback(self, turn: Turn, code: int) -> bool:
+        """OpenAI's silent close on a non-integer temperature/top_p (UPSTREAM.md, fault 1)."""
+        return (
+            code == 1000
+            and turn.events == 0
+            and not turn.http_fallback
+            and turn.frame.has_decimal_sampling
+            and self.node.settings.http_fallback
         )
-        await self._end_turn(turn, "error", error=err)
+
+    async def _http_fallback(self, turn: Turn, code: int, reason: str) -> None:
+        """Serve the same turn over `POST /responses` (SSE), events sent as WebSocket frames."""
+        turn.conn = None
+        turn.http_fallback = True
+        metrics.UPSTREAM_RETRIES_TOTAL.labels(reason="http_fallback").inc()
+        body = turn.frame.upstream_body()
+        del body["type"]
+        previous = turn.frame.previous_response_id
+        if previous is not None:
+            chain = self.memory.chain_for(previous)
+            own = as_items(turn.frame.input)
+            if chain is None or own is None:
+                err = GatewayError(
+                    Code.PREVIOUS_RESPONSE_NOT_FOUND,
+                    f"Previous response with id '{previous}' not found.",
+                    param="previous_response_id",
+                )
+                await self._end_turn(turn, "error", error=err)
+                return
+            body["previous_response_id"] = None
+            body["input"] = [*chain, *own]
+        turn.sent_previous_id = None
+        turn.sent_input = as_items(body.get("input")) or []
+        team = self.node.view.view.teams.get(self.principal.team_id)
+        credential = (self.node.credential(team.upstream_credential) if team else None) or ""
+        settings = self.node.settings
+        try:
+            async for data in stream_http(
+                self.node.upstream_http,
+                settings.openai_base_url,
+                credential,
+                body,
+                timeout=settings.upstream_handshake_seconds,
+            ):
+                if self.turn is not turn or not await self._on_upstream_text(None, data):
+                    return
+        except UpstreamHTTPError as exc:
+            event = {"type": "error", "status": exc.status, "error": exc.body["error"]}
+            await self._on_upstream_text(None, orjson.dumps(event).decode())
+        if self.turn is turn:  # the stream ended without a terminal event
+            await self._end_turn(turn, "error", error=_closed_error(code, reason))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -651,6 +709,15 @@ class Session:
                 model=self.model,
             )
         )
+
+
+def _closed_error(code: int, reason: str) -> GatewayError:
+    shown = reason or "no reason given"
+    return GatewayError(
+        Code.UPSTREAM_WEBSOCKET_CLOSED,
+        f"The upstream WebSocket closed with code {code} ({shown}) mid-response.",
+        details={"upstream_close_code": code, "upstream_close_reason": reason},
+    )
 
 
 def _response_id(event: dict[str, Any]) -> str | None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
+
+from app import sse
 
 USER_AGENT = "openai-ws-gateway/0.1"
 
@@ -95,3 +98,50 @@ async def open_upstream(
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamHandshakeError(f"upstream unreachable ({type(exc).__name__})") from None
     return UpstreamConn(ws)
+
+
+class UpstreamHTTPError(Exception):
+    """OpenAI answered an HTTP request with an error status; `body` is its JSON (or a stand-in)."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+def _error_body(status: int, raw: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except (orjson.JSONDecodeError, RecursionError, ValueError):
+        value = None
+    if isinstance(value, dict) and isinstance(value.get("error"), dict):
+        return value
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    message = f"OpenAI answered HTTP {status}."
+    return {"error": {"type": kind, "code": None, "message": message, "param": None}}
+
+
+async def stream_http(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    credential: str,
+    body: dict[str, Any],
+    *,
+    timeout: float,
+) -> AsyncIterator[str]:
+    """`POST {base}/responses` with `stream: true`: each SSE event's data, in order."""
+    headers = {"Authorization": f"Bearer {credential}", "Accept": "text/event-stream"}
+    try:
+        async with http.post(
+            f"{base_url}/responses",
+            data=orjson.dumps({**body, "stream": True}),
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=None),
+        ) as resp:
+            if resp.status >= 400:
+                raise UpstreamHTTPError(resp.status, _error_body(resp.status, await resp.read()))
+            async for event in sse.parse(resp.content.iter_any()):
+                if event.data != "[DONE]":
+                    yield event.data
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise UpstreamHTTPError(502, _error_body(502, b"")) from exc

@@ -1,0 +1,284 @@
+"""Shared fixtures: real Redis, real Postgres, the simulator and the gateway on real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from app.simulator import SimulatorOptions, create_simulator_app
+from services import (
+    delete_prefix,
+    fresh_database,
+    fresh_redis_prefix,
+    run_blocking,
+    session_postgres_admin_dsn,
+    session_redis_url,
+)
+
+from app.config import Settings
+from app.keystore import KeyStore
+from app.ledger.migrate import migrate
+from app.models import Limits, Price, Team
+from app.node import NODE, Node
+from app.server import create_app
+
+UPSTREAM_KEY = "sk-upstream-test-0123456789"
+MODEL = "openai/gpt-test"
+TERMINAL = {"response.completed", "response.incomplete", "response.failed", "error"}
+
+redis_url = pytest.fixture(scope="session")(session_redis_url)
+pg_admin_dsn = pytest.fixture(scope="session")(session_postgres_admin_dsn)
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_admin_dsn: str) -> Iterator[str]:
+    dsn, drop = fresh_database(pg_admin_dsn)
+    run_blocking(migrate(dsn))
+    yield dsn
+    drop()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    prefix = fresh_redis_prefix()
+    yield prefix
+    run_blocking(delete_prefix(redis_url, prefix))
+
+
+@dataclass
+class Sim:
+    server: TestServer
+    app: web.Application
+
+    @property
+    def base_url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, self.server.make_url(path), json=body) as resp:
+                resp.raise_for_status()
+                return await resp.json() if resp.content_type == "application/json" else None
+
+    async def requests(self) -> list[dict[str, Any]]:
+        """The `response.create` bodies the simulator received, in order."""
+        data = (await self._json("GET", "/_sim/requests"))["data"]
+        return [r for r in data if r.get("kind") == "request"]
+
+    async def handshakes(self) -> list[dict[str, Any]]:
+        data = (await self._json("GET", "/_sim/requests"))["data"]
+        return [r for r in data if r.get("kind") == "handshake"]
+
+    async def arm(self, handshake: str, count: int = 1) -> None:
+        await self._json("POST", "/_sim/faults", {"handshake": handshake, "count": count})
+
+
+def make_sim_options(**overrides: Any) -> SimulatorOptions:
+    return SimulatorOptions(**overrides)
+
+
+@pytest.fixture
+def sim_options(request: pytest.FixtureRequest) -> SimulatorOptions:
+    """Parametrize indirectly with a dict of `SimulatorOptions` fields to change the simulator."""
+    return make_sim_options(**getattr(request, "param", {}))
+
+
+@pytest.fixture
+async def sim(aiohttp_server: Any, sim_options: SimulatorOptions) -> Sim:
+    app = create_simulator_app(sim_options)
+    server = await aiohttp_server(app)
+    return Sim(server, app)
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override in a test module (or with `indirect`) to change the gateway's settings."""
+    return {}
+
+
+def gateway_settings(
+    redis_url: str, prefix: str, database_url: str, upstream: str, spill: Path, **extra: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "REDIS_URL": redis_url,
+        "GATEWAY_REDIS_PREFIX": prefix,
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": upstream,
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_ENV": "dev",
+        "ADMIN_TOKEN": "admin-test-token",
+        "GATEWAY_SPILL_DIR": str(spill),
+        "GATEWAY_DRAIN_SECONDS": 2,
+    }
+    values.update(extra)
+    return Settings(**values)
+
+
+@dataclass
+class Gateway:
+    server: TestServer
+    app: web.Application
+
+    @property
+    def node(self) -> Node:
+        return self.app[NODE]
+
+    @property
+    def store(self) -> KeyStore:
+        return self.node.store
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+@pytest.fixture
+async def gateway(
+    aiohttp_server: Any,
+    redis_url: str,
+    redis_prefix: str,
+    database_url: str,
+    sim: Sim,
+    tmp_path: Path,
+    settings_overrides: dict[str, Any],
+) -> Gateway:
+    settings = gateway_settings(
+        redis_url,
+        redis_prefix,
+        database_url,
+        sim.base_url,
+        tmp_path / "spill",
+        **settings_overrides,
+    )
+    app = create_app(settings)
+    server = await aiohttp_server(app)
+    return Gateway(server, app)
+
+
+@dataclass
+class Tenant:
+    team: Team
+    key: str
+    key_id: str
+    store: KeyStore = field(repr=False)
+
+
+async def make_tenant(
+    store: KeyStore,
+    team_id: str = "acme",
+    models: tuple[str, ...] = ("openai/gpt-*",),
+    limits: Limits | None = None,
+    credential: str = "OPENAI_API_KEY",
+    prices: tuple[str, ...] = (MODEL, "openai/gpt-other"),
+) -> Tenant:
+    team = Team(
+        id=team_id,
+        name=team_id.title(),
+        allowed_models=list(models),
+        upstream_credential=credential,
+        limits=limits or Limits(),
+    )
+    await store.put_team(team)
+    for model in prices:
+        await store.set_price(
+            model,
+            Price(
+                input_per_mtok=Decimal("1.25"),
+                cached_input_per_mtok=Decimal("0.125"),
+                output_per_mtok=Decimal("10"),
+            ),
+        )
+    key, secret = await store.create_key(team.id, name="test")
+    return Tenant(team=team, key=secret, key_id=key.id, store=store)
+
+
+@pytest.fixture
+async def tenant(gateway: Gateway) -> Tenant:
+    return await make_tenant(gateway.store)
+
+
+Connect = Callable[..., Any]
+
+
+@pytest.fixture
+def connect(gateway: Gateway, tenant: Tenant) -> Connect:
+    @asynccontextmanager
+    async def _connect(
+        path: str = "/v1/responses",
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        hdrs = {"Authorization": f"Bearer {key or tenant.key}", **(headers or {})}
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(
+                gateway.url(path), headers=hdrs, max_msg_size=64 * 1024 * 1024, **kwargs
+            ) as ws:
+                yield ws
+
+    return _connect
+
+
+async def recv(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type == aiohttp.WSMsgType.TEXT, f"expected a text frame, got {msg!r}"
+    value = orjson.loads(msg.data)
+    assert isinstance(value, dict)
+    return value
+
+
+async def send(ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any] | str) -> None:
+    await ws.send_str(frame if isinstance(frame, str) else orjson.dumps(frame).decode())
+
+
+def create(**fields: Any) -> dict[str, Any]:
+    fields.setdefault("model", MODEL)
+    fields.setdefault("input", [{"role": "user", "content": "hello"}])
+    return {"type": "response.create", **fields}
+
+
+async def until_terminal(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    while True:
+        event = await recv(ws, timeout)
+        events.append(event)
+        if event.get("type") in TERMINAL:
+            return events
+
+
+async def turn(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0, **fields: Any
+) -> list[dict[str, Any]]:
+    await send(ws, create(**fields))
+    return await until_terminal(ws, timeout)
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["delta"] for e in events if e.get("type") == "response.output_text.delta")
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await _maybe_await(predicate()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if asyncio.iscoroutine(value) else value

@@ -1,0 +1,277 @@
+"""Upstream behaviour through the gateway: faults become clear error events on a usable socket,
+the `previous_response_not_found` retry, the 60-minute limit, and openai-python's own client."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from conftest import (
+    MODEL,
+    Connect,
+    Gateway,
+    Sim,
+    Tenant,
+    create,
+    recv,
+    send,
+    text_of,
+    turn,
+)
+from test_ws_checks import assert_error, assert_usable
+
+from app import metrics
+
+USER = {"role": "user", "content": "first question"}
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def closed_details(event: dict[str, Any]) -> dict[str, Any]:
+    assert_error(event, "upstream_websocket_closed", 502)
+    details = event["error"]["details"]
+    assert str(details["upstream_close_code"]) in event["error"]["message"]
+    return dict(details)
+
+
+# -- handshake faults -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["401", "429", "500", "503"])
+async def test_upstream_handshake_refused(connect: Connect, sim: Sim, fault: str) -> None:
+    await sim.arm(fault)
+    async with connect() as ws:
+        await send(ws, create(stream_id="lane"))
+        event = await recv(ws)
+        assert_error(event, "upstream_websocket_handshake_failed", 502)
+        assert f"HTTP {fault}" in event["error"]["message"]
+        assert event["stream_id"] == "lane"
+        await assert_usable(ws)  # the next turn tries again
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_UPSTREAM_HANDSHAKE_SECONDS": 0.5}])
+async def test_upstream_handshake_that_never_answers(connect: Connect, sim: Sim) -> None:
+    await sim.arm("hang")
+    async with connect() as ws:
+        await send(ws, create())
+        event = await recv(ws)
+        assert_error(event, "upstream_websocket_handshake_failed", 502)
+        assert "timed out" in event["error"]["message"]
+        await assert_usable(ws)
+
+
+# -- faults mid-response --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fault", "code"), [("drop", 1006), ("close_1011", 1011)])
+async def test_upstream_closes_mid_response(connect: Connect, fault: str, code: int) -> None:
+    async with connect() as ws:
+        events = await turn(ws, metadata={"sim_fault": fault, "sim_deltas": "10"})
+        assert events[0]["type"] == "response.created"  # what came before is forwarded
+        details = closed_details(events[-1])
+        assert details["upstream_close_code"] == code
+        await assert_usable(ws)
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_UPSTREAM_IDLE_SECONDS": 0.5}])
+async def test_upstream_silent_mid_response(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, metadata={"sim_fault": "hang"})
+        details = closed_details(events[-1])
+        assert details["upstream_close_code"] == 1006
+        assert "silent" in details["upstream_close_reason"]
+        await assert_usable(ws)
+
+
+async def test_upstream_error_without_status_gets_one(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, metadata={"sim_fault": "error_no_status"})
+        assert events[-1]["type"] == "error"
+        assert events[-1]["status"] == 500
+        await assert_usable(ws)
+
+
+async def test_upstream_response_failed_is_forwarded(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, metadata={"sim_fault": "response_failed"})
+        assert events[-1]["type"] == "response.failed"
+        await assert_usable(ws)
+
+
+async def test_large_completed_frame_passes(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(
+            ws, metadata={"sim_fault": "large", "sim_large_bytes": str(6 * 1024 * 1024)}
+        )
+        assert events[-1]["type"] == "response.completed"
+        await assert_usable(ws)
+
+
+async def test_upstream_errors_are_forwarded_unchanged(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, temperature="1.2")  # refused by the gateway (check 4)
+        assert_error(events[-1], "invalid_response_create", 400, "temperature")
+        events = await turn(ws, background=True)  # stripped: WebSocket mode runs in foreground
+        assert events[-1]["type"] == "response.completed"
+
+
+# -- decimal temperature: OpenAI closes silently ------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+async def test_decimal_sampling_silent_close_never_reaches_the_client_silently(
+    connect: Connect, sim: Sim, field: str
+) -> None:
+    async with connect() as ws:
+        events = await turn(ws, **{field: 0.5})
+        last = events[-1]
+        # Served over the HTTP fallback: the customer sees a normal response.
+        assert last["type"] == "response.completed", last
+        assert text_of(events) == "echo: hello"
+        await assert_usable(ws)
+
+
+# -- previous_response_not_found: the retry --------------------------------------------------------
+
+
+async def test_retry_with_remembered_context(connect: Connect, sim: Sim) -> None:
+    before = metrics.UPSTREAM_RETRIES_TOTAL.labels(
+        reason="previous_response_not_found"
+    )._value.get()
+    async with connect() as ws:
+        first = await turn(ws, input=[user("one")])
+        r1 = first[-1]["response"]["id"]
+        await sim.requests()
+        second = await turn(
+            ws,
+            input=[user("two")],
+            previous_response_id=r1,
+            metadata={"sim_fault": "forget"},  # the upstream lost its cache for this request
+        )
+    assert [e["type"] for e in second][-1] == "response.completed"
+    assert not any(e["type"] == "error" for e in second)
+    assert text_of(second) == "echo: two"
+    requests = [r["body"] for r in await sim.requests()]
+    assert len(requests) == 3
+    assert requests[1]["previous_response_id"] == r1
+    retried = requests[2]
+    assert retried["previous_response_id"] is None
+    contents = [item.get("content") for item in retried["input"] if item.get("role") == "user"]
+    assert contents == ["one", "two"]
+    assert any(
+        item.get("type") == "message" and item.get("role") == "assistant"
+        for item in retried["input"]
+    )
+    after = metrics.UPSTREAM_RETRIES_TOTAL.labels(reason="previous_response_not_found")._value.get()
+    assert after == before + 1
+
+
+async def test_not_found_without_memory_reaches_the_client(connect: Connect, sim: Sim) -> None:
+    async with connect() as ws:
+        events = await turn(ws, input=[user("x")], previous_response_id="resp_unknown")
+        assert_error(events[-1], "previous_response_not_found", 400, "previous_response_id")
+        await assert_usable(ws)
+    assert len(await sim.requests()) == 2  # no retry: nothing to retry with
+
+
+async def test_not_found_with_string_input_is_not_retried(connect: Connect, sim: Sim) -> None:
+    async with connect() as ws:
+        r1 = (await turn(ws))[-1]["response"]["id"]
+        events = await turn(
+            ws, input="two", previous_response_id=r1, metadata={"sim_fault": "forget"}
+        )
+        assert_error(events[-1], "previous_response_not_found", 400, "previous_response_id")
+
+
+# -- OpenAI's 60-minute limit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sim_options", [pytest.param({"max_connection_seconds": 1.0}, id="1s-limit")], indirect=True
+)
+async def test_connection_limit_is_invisible(connect: Connect, sim: Sim) -> None:
+    async with connect() as ws:
+        r1 = (await turn(ws, input=[user("one")]))[-1]["response"]["id"]
+        await asyncio.sleep(1.5)  # the upstream sends the limit error and closes
+        events = await turn(ws, input=[user("two")], previous_response_id=r1)
+        assert events[-1]["type"] == "response.completed", events[-1]
+        assert not any(e["type"] == "error" for e in events)
+        assert text_of(events) == "echo: two"
+    requests = [r["body"] for r in await sim.requests()]
+    assert requests[-1]["previous_response_id"] is None
+    contents = [i.get("content") for i in requests[-1]["input"] if i.get("role") == "user"]
+    assert contents == ["one", "two"]
+    assert len(await sim.handshakes()) == 2
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_UPSTREAM_MAX_AGE_SECONDS": 0.5}])
+async def test_old_upstream_socket_is_replaced_at_a_turn_boundary(
+    connect: Connect, sim: Sim
+) -> None:
+    async with connect() as ws:
+        r1 = (await turn(ws, input=[user("one")]))[-1]["response"]["id"]
+        await asyncio.sleep(0.7)
+        events = await turn(ws, input=[user("two")], previous_response_id=r1)
+        assert events[-1]["type"] == "response.completed"
+    assert len(await sim.handshakes()) == 2
+    assert (await sim.requests())[-1]["body"]["previous_response_id"] is None
+
+
+async def test_limit_mid_response_is_an_upstream_close(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, metadata={"sim_fault": "connection_limit"})
+        assert all(
+            e.get("error", {}).get("code") != "websocket_connection_limit_reached" for e in events
+        )
+        closed_details(events[-1])
+        await assert_usable(ws)
+
+
+# -- real clients -------------------------------------------------------------------------------
+
+
+async def test_openai_python_client_two_chained_turns(gateway: Gateway, tenant: Tenant) -> None:
+    from openai import AsyncOpenAI
+    from openai.types.responses import ResponsesServerEvent
+    from pydantic import TypeAdapter
+
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponsesServerEvent)
+    client = AsyncOpenAI(base_url=gateway.url("/v1"), api_key=tenant.key)
+    previous = None
+    texts = []
+    seen_types: set[str] = set()
+    async with client.responses.connect() as conn:
+        for text in ("one", "two"):
+            await conn.response.create(
+                model=MODEL, input=[user(text)], previous_response_id=previous, store=False
+            )
+            deltas = []
+            while True:
+                raw = await conn.recv_bytes()
+                event = adapter.validate_json(raw)
+                seen_types.add(event.type)
+                if event.type == "response.output_text.delta":
+                    deltas.append(event.delta)
+                if event.type == "response.completed":
+                    previous = event.response.id
+                    break
+                assert event.type != "error", raw
+            texts.append("".join(deltas))
+    assert texts == ["echo: one", "echo: two"]
+    assert {"response.created", "response.output_text.delta", "response.completed"} <= seen_types
+
+
+async def test_openai_python_parses_gateway_errors(gateway: Gateway, tenant: Tenant) -> None:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=gateway.url("/v1"), api_key=tenant.key)
+    async with client.responses.connect() as conn:
+        await conn.response.create(model="gpt-test", input=[user("x")], stream_id="lane-9")
+        event = await conn.recv()
+        assert event.type == "error"
+        assert event.status == 400
+        assert event.error.code == "invalid_response_create"
+        assert event.stream_id == "lane-9"
