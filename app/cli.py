@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8081)
     add_simulate_arguments(sim)
     sub.add_parser("migrate", help="apply migrations/ to DATABASE_URL")
+    from app.admin.cli import add_admin_commands
+
+    add_admin_commands(sub)
     return parser
 
 
@@ -48,6 +51,13 @@ async def _serve(settings: Settings) -> None:
     await runner.cleanup()
 
 
+def _admin(args: argparse.Namespace) -> int | None:
+    from app.admin.cli import run_admin_command
+
+    code: int | None = run_admin_command(args)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -62,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from app.simulator import options_from_args, run_simulator
 
             asyncio.run(run_simulator(args.host, args.port, options_from_args(args)))
+        elif (code := _admin(args)) is not None:
+            return code
         elif args.command == "migrate":
             from app.ledger.migrate import migrate
 

@@ -31,6 +31,7 @@ class Node:
         self.view = NodeView(store, on_tick=self._on_view_tick)
         self.memory_budget = MemoryBudget(settings.context_total_bytes)
         self.sessions: set[Session] = set()
+        self._expelling: dict[str, asyncio.Task[None]] = {}
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
         # Key records of live sockets, refreshed when the store's version moves (revocation).
@@ -44,6 +45,11 @@ class Node:
         if name == DEFAULT_CREDENTIAL:
             return self.settings.openai_api_key or os.environ.get(name) or None
         return os.environ.get(name) or None
+
+    def _expelled(self, task: asyncio.Task[None]) -> None:
+        for sid, known in list(self._expelling.items()):
+            if known is task:
+                del self._expelling[sid]
 
     def add_session(self, session: Session) -> None:
         self.sessions.add(session)
@@ -77,7 +83,12 @@ class Node:
             except GatewayError:
                 pass  # Redis away: live sockets keep serving on what they last saw
         for session in list(self.sessions):
-            await session.recheck_principal()
+            code = session.principal_status()
+            if code is not None and session.id not in self._expelling:
+                # One task each: a slow client must not hold up the others' expulsion.
+                task = asyncio.create_task(session.expel(code), name=f"expel-{session.id}")
+                self._expelling[session.id] = task
+                task.add_done_callback(self._expelled)
 
     async def _refresh_leases(self) -> None:
         from app.keystore import LEASE_REFRESH_SECONDS

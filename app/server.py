@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app import handlers
+from app import handlers, relay
 from app.config import Settings
 from app.http import errors_middleware
 from app.keystore import KeyStore
@@ -37,9 +37,14 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_on_shutdown)
     for path in ("/v1/responses/ws", "/v1/responses"):
         app.router.add_get(path, handlers.responses_ws)
+    app.router.add_post("/v1/responses", relay.post_responses)
+    app.router.add_post("/v1/responses/compact", relay.post_compact)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics_endpoint)
+    from app.admin.api import setup_admin
+
+    setup_admin(app)
     return app
 
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -26,10 +26,11 @@ from aiohttp import WSMsgType, web
 from app import metrics
 from app.errors import Code, GatewayError
 from app.keystore import Principal, secret_status
-from app.ledger import SocketClosed, SocketOpened, TurnRecord
+from app.ledger.rows import SocketClosed, SocketOpened, TurnRecord
 from app.memory import ConversationMemory, as_items
 from app.node import Node
 from app.protocol import ClientFrame, Ignored, parse_client_frame, stream_id_of
+from app.routing import check_route
 from app.upstream import (
     UpstreamConn,
     UpstreamHandshakeError,
@@ -37,6 +38,7 @@ from app.upstream import (
     open_upstream,
     stream_http,
 )
+from app.usage import count_usage, usage_figures
 
 log = logging.getLogger("gateway.session")
 
@@ -142,7 +144,7 @@ class Session:
         self.upstream: UpstreamConn | None = None
         self._upstream_reader: asyncio.Task[None] | None = None
         self.last_upstream_close: tuple[int | None, str | None] = (None, None)
-        self.closed_by = "client"
+        self.closed_by: Literal["client", "gateway"] = "client"
         self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
         self._last_upstream_frame = time.monotonic()
         self._close_after_turn: int | None = None
@@ -184,6 +186,8 @@ class Session:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
                     await self.on_text(msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    self.closed_by = "gateway"  # aiohttp closed it: 1009 too large, 1007 bad UTF-8
                 elif msg.type == WSMsgType.BINARY:
                     await self.refuse(
                         GatewayError(
@@ -202,7 +206,8 @@ class Session:
         """Checks 1-8 of CONTRACT.md §3 in order, then the turn goes upstream (check 9)."""
         try:
             frame = parse_client_frame(data)  # checks 1-4
-            self._check_routing(frame)  # 5
+            team = self.node.view.view.teams.get(self.principal.team_id)
+            check_route(self.node, team, frame.model)  # 5
             if self.state is State.IN_FLIGHT:  # 6
                 raise GatewayError(Code.RESPONSE_ALREADY_IN_FLIGHT)
             if self.model is not None and frame.model != self.model:  # 7
@@ -211,7 +216,6 @@ class Session:
                     f"This socket is locked to {self.model}; got {frame.model}.",
                     param="model",
                 )
-            team = self.node.view.view.teams.get(self.principal.team_id)
             limit = team.limits.responses_per_minute_per_key if team else 0
             if not await self.node.store.allow_response(self.principal.key_id, limit):  # 8
                 raise GatewayError(Code.RATE_LIMIT_EXCEEDED)
@@ -223,24 +227,6 @@ class Session:
         if self.state is not State.IDLE:  # closed while waiting on the rate limit
             return
         self._accept(frame)
-
-    def _check_routing(self, frame: ClientFrame) -> None:
-        view = self.node.view.view
-        team = view.teams.get(self.principal.team_id)
-        reasons: list[str] = []
-        if team is None or not team.allows(frame.model):
-            reasons.append("model_not_allowed")
-        if team is None or not self.node.credential(team.upstream_credential):
-            reasons.append("openai_provider_unavailable")
-        if frame.model not in view.catalog:
-            reasons.append("pricing_unavailable")
-        if reasons:
-            raise GatewayError(
-                Code.OPENAI_ROUTING_FAILED,
-                f"Cannot route {frame.model}: {', '.join(reasons)}.",
-                param="model",
-                details={"reasons": reasons},
-            )
 
     def _accept(self, frame: ClientFrame) -> None:
         self.model = frame.model
@@ -334,6 +320,8 @@ class Session:
             return conn
         if conn is not None:
             self.upstream = None
+            if not conn.ws.closed:
+                self.last_upstream_close = (1000, "replaced by the gateway at a turn boundary")
             await conn.close()
         team = self.node.view.view.teams.get(self.principal.team_id)
         credential = self.node.credential(team.upstream_credential) if team else None
@@ -377,12 +365,12 @@ class Session:
         duration = time.perf_counter() - turn.started
         model = turn.frame.model
         usage = response.get("usage") if response else None
-        tokens = _usage_figures(usage)
+        tokens = usage_figures(usage)
         cost: Decimal | None = None
         price = self.node.view.view.catalog.get(model)
         if tokens is not None and price is not None:
             cost = price.cost(tokens[0], tokens[1], tokens[2])
-            _count_usage(model, self.principal.team_id, tokens, cost)
+            count_usage(model, self.principal.team_id, tokens, cost)
         metrics.RESPONSES_TOTAL.labels(model=model, status=status).inc()
         metrics.RESPONSE_DURATION.observe(duration)
         ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
@@ -562,19 +550,20 @@ class Session:
         self, conn: UpstreamConn, code: int, reason: str, *, abort: bool = False
     ) -> None:
         """The upstream socket ended (close frame, drop or silence)."""
-        if abort:
-            await conn.close()
+        if conn.closing:
+            return  # the gateway closed it (replaced, or the client left)
         metrics.WS_CLOSES_TOTAL.labels(side="upstream", code=str(code)).inc()
         self.last_upstream_close = (code, reason)
         if self.upstream is conn:
             self.upstream = None
         turn = self.turn
-        if turn is None or turn.conn is not conn or self.state is not State.IN_FLIGHT:
-            return
-        if self._wants_http_fallback(turn, code):
-            await self._http_fallback(turn, code, reason)
-            return
-        await self._end_turn(turn, "error", error=_closed_error(code, reason))
+        if turn is not None and turn.conn is conn and self.state is State.IN_FLIGHT:
+            if self._wants_http_fallback(turn, code):
+                await self._http_fallback(turn, code, reason)
+            else:
+                await self._end_turn(turn, "error", error=_closed_error(code, reason))
+        if abort:  # after the client has its answer: a silent upstream may not answer a close
+            await conn.close()
 
     def _wants_http_fallback(self, turn: Turn, code: int) -> bool:
         """OpenAI's silent close on a non-integer temperature/top_p (UPSTREAM.md, fault 1)."""
@@ -630,18 +619,19 @@ class Session:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def recheck_principal(self) -> None:
-        """Called about 4 times a second by the node: revocation, expiry, team disable."""
+    async def expel(self, code: Code) -> None:
+        """The key was revoked or expired, or the team disabled: error frame, then 1008."""
         if self.state in (State.CLOSING, State.CLOSED):
             return
-        code = self._principal_status()
-        if code is not None:
-            err = GatewayError(code)
-            metrics.count_error(code)
-            await self._abort_turn("error")
-            await self._send_error(err)
+        turn = self.turn
+        metrics.count_error(code)
+        await self._abort_turn("error")
+        await self._send_error(GatewayError(code), turn.frame.stream_id if turn else None)
 
-    def _principal_status(self) -> Code | None:
+    def principal_status(self) -> Code | None:
+        """Checked about 4 times a second by the node: revocation, expiry, team disable."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            return None
         team = self.node.view.view.teams.get(self.principal.team_id)
         if team is not None and not team.active:
             return Code.TEAM_DISABLED
@@ -688,9 +678,9 @@ class Session:
             self._upstream_reader.cancel()
         if self.upstream is not None:
             conn, self.upstream = self.upstream, None
+            if not conn.ws.closed:
+                self.last_upstream_close = (1000, "closed by the gateway with the client socket")
             await conn.close()
-            if self.last_upstream_close == (None, None):
-                self.last_upstream_close = (1000, "client socket closed")
         self.memory.clear()
         self._transition(State.CLOSED)
         code = self.ws.close_code
@@ -736,35 +726,6 @@ def _model_of(err: GatewayError, data: str) -> str | None:
         return parse_client_frame(data).model
     except (GatewayError, Ignored):
         return None
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _usage_figures(usage: object) -> tuple[int, int, int, int] | None:
-    """(input, cached, output, reasoning), clamped: upstream usage can be odd."""
-    if not isinstance(usage, dict):
-        return None
-    details_in = usage.get("input_tokens_details")
-    details_out = usage.get("output_tokens_details")
-    input_tokens = max(_int(usage.get("input_tokens")), 0)
-    cached = _int(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0
-    reasoning = _int(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0
-    return (
-        input_tokens,
-        min(max(cached, 0), input_tokens),
-        max(_int(usage.get("output_tokens")), 0),
-        max(reasoning, 0),
-    )
-
-
-def _count_usage(model: str, team: str, tokens: tuple[int, int, int, int], cost: Decimal) -> None:
-    for kind, value in zip(("input", "cached_input", "output", "reasoning"), tokens, strict=True):
-        if value:
-            metrics.TOKENS_TOTAL.labels(model=model, kind=kind).inc(value)
-    if cost > 0:
-        metrics.COST_USD_TOTAL.labels(team=team).inc(float(cost))
 
 
 def new_socket_id() -> str:

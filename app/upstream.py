@@ -39,13 +39,14 @@ def new_http_session() -> aiohttp.ClientSession:
 
 
 class UpstreamConn:
-    __slots__ = ("opened_at", "served", "stale", "ws")
+    __slots__ = ("closing", "opened_at", "served", "stale", "ws")
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
         self.opened_at = time.monotonic()
         self.served = 0  # requests sent on it; 0 means OpenAI's cache here is empty
         self.stale = False  # OpenAI said `websocket_connection_limit_reached`
+        self.closing = False  # the gateway closes it: its reader ends quietly
 
     @property
     def age(self) -> float:
@@ -60,6 +61,7 @@ class UpstreamConn:
         await self.ws.send_str(orjson.dumps(body).decode())
 
     async def close(self) -> None:
+        self.closing = True
         if not self.ws.closed:
             try:
                 await asyncio.wait_for(self.ws.close(), timeout=2.0)
@@ -86,7 +88,7 @@ async def open_upstream(
                 headers=headers,
                 max_msg_size=max_msg_size,
                 autoping=True,
-                autoclose=False,
+                autoclose=True,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
             )
     except TimeoutError:

@@ -1,0 +1,260 @@
+"""`POST /v1/responses` and `POST /v1/responses/compact` (CONTRACT.md §3.1).
+
+The same key, checks 3-5 and 8, `store` forced false, `background` removed, the same ledger and
+metrics as the socket; `stream`/`stream_options` kept (SSE when `stream: true`). No connection
+cache exists over HTTP, so there is no retry.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from app import metrics, sse
+from app.errors import Code, GatewayError
+from app.handlers import authenticate
+from app.http import error_response
+from app.keystore import Principal
+from app.ledger.rows import TurnRecord
+from app.node import NODE, Node
+from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object
+from app.routing import check_route
+from app.session import TERMINAL
+from app.usage import count_usage, usage_figures
+
+Transport = Literal["http", "compact"]
+
+
+class HttpTurn:
+    """One POST: checks, the upstream call, the ledger row."""
+
+    def __init__(self, node: Node, principal: Principal, transport: Transport) -> None:
+        self.node = node
+        self.principal = principal
+        self.transport = transport
+        self.received_at = datetime.now(UTC)
+        self.started = time.perf_counter()
+        self.first_byte: float | None = None
+        self.model: str | None = None
+        self.previous_response_id: str | None = None
+
+    def record(
+        self,
+        *,
+        error_code: str | None = None,
+        status: str | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> None:
+        accepted = error_code is None or status is not None
+        tokens = usage_figures(response.get("usage")) if response else None
+        cost: Decimal | None = None
+        price = self.node.view.view.catalog.get(self.model or "")
+        if tokens is not None and price is not None and self.model:
+            cost = price.cost(tokens[0], tokens[1], tokens[2])
+            count_usage(self.model, self.principal.team_id, tokens, cost)
+        duration = time.perf_counter() - self.started
+        if accepted and self.model and status:
+            metrics.RESPONSES_TOTAL.labels(model=self.model, status=status).inc()
+            metrics.RESPONSE_DURATION.observe(duration)
+        ttfe = None if self.first_byte is None else self.first_byte - self.started
+        self.node.ledger.record(
+            TurnRecord(
+                socket_id=None,
+                node=self.node.id,
+                key_id=self.principal.key_id,
+                key_prefix=self.principal.key_prefix,
+                team_id=self.principal.team_id,
+                transport=self.transport,
+                model=self.model,
+                received_at=self.received_at,
+                accepted=accepted,
+                error_code=error_code,
+                response_id=_str(response.get("id")) if response else None,
+                status=status,
+                previous_response_id=self.previous_response_id,
+                input_tokens=tokens[0] if tokens else None,
+                cached_tokens=tokens[1] if tokens else None,
+                output_tokens=tokens[2] if tokens else None,
+                reasoning_tokens=tokens[3] if tokens else None,
+                cost_usd=cost,
+                ttfe_ms=None if ttfe is None else ttfe * 1000,
+                duration_ms=duration * 1000,
+            )
+        )
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise GatewayError(
+            Code.INVALID_RESPONSE_CREATE, "The request body is larger than the gateway accepts."
+        ) from None
+    return parse_json_object(raw)
+
+
+async def _checked(
+    node: Node, request: web.Request, transport: Transport
+) -> tuple[HttpTurn, dict[str, Any]]:
+    """Auth, then checks 3-5 and 8; the body to send upstream."""
+    principal, _key, team = await authenticate(node, request)
+    turn = HttpTurn(node, principal, transport)
+    try:
+        fields = await _read_body(request)
+        if fields.get("type") == "response.create":
+            del fields["type"]
+        for key in [k for k, v in fields.items() if v is None]:
+            del fields[key]
+        turn.model = check_model(fields.get("model"))
+        check_fields(fields)
+        check_route(node, team, turn.model)
+        limit = team.limits.responses_per_minute_per_key
+        if not await node.store.allow_response(principal.key_id, limit):
+            raise GatewayError(Code.RATE_LIMIT_EXCEEDED)
+    except GatewayError as err:
+        metrics.count_error(err.code)
+        turn.record(error_code=str(err.code))
+        raise
+    turn.previous_response_id = _str(fields.get("previous_response_id"))
+    fields.pop("background", None)
+    fields["store"] = False
+    fields["model"] = turn.model[len(PROVIDER_PREFIX) :]
+    if transport == "compact":
+        for key in ("store", "stream", "stream_options"):
+            fields.pop(key, None)
+    return turn, fields
+
+
+def _credential(node: Node, turn: HttpTurn) -> str:
+    team = node.view.view.teams.get(turn.principal.team_id)
+    return (node.credential(team.upstream_credential) if team else None) or ""
+
+
+async def post_responses(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "http", "/responses")
+
+
+async def post_compact(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "compact", "/responses/compact")
+
+
+async def _relay(request: web.Request, transport: Transport, path: str) -> web.StreamResponse:
+    node = request.app[NODE]
+    if node.draining:
+        metrics.count_error(Code.SERVER_SHUTTING_DOWN)
+        return error_response(GatewayError(Code.SERVER_SHUTTING_DOWN), {"Retry-After": "1"})
+    turn, body = await _checked(node, request, transport)
+    url = node.settings.openai_base_url + path
+    headers = {"Authorization": f"Bearer {_credential(node, turn)}"}
+    try:
+        async with node.upstream_http.post(
+            url,
+            data=orjson.dumps(body),
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=node.settings.upstream_handshake_seconds,
+                sock_read=node.settings.upstream_idle_seconds,
+            ),
+        ) as upstream:
+            if body.get("stream") is True and upstream.status < 400:
+                return await _relay_sse(request, turn, upstream)
+            return await _relay_json(turn, upstream, transport)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        err = GatewayError(
+            Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED,
+            f"Could not reach OpenAI over HTTP ({type(exc).__name__}).",
+        )
+        metrics.count_error(err.code)
+        turn.record(error_code=str(err.code), status="error")
+        return error_response(err)
+
+
+async def _relay_json(
+    turn: HttpTurn, upstream: aiohttp.ClientResponse, transport: Transport
+) -> web.Response:
+    raw = await upstream.read()
+    turn.first_byte = time.perf_counter()
+    try:
+        value = orjson.loads(raw)
+    except (orjson.JSONDecodeError, RecursionError, ValueError):
+        value = None
+    response = value if isinstance(value, dict) else None
+    if upstream.status >= 400:
+        error = response.get("error") if response else None
+        code = _str(error.get("code")) if isinstance(error, dict) else None
+        metrics.count_error(code or "upstream_error")
+        turn.record(error_code=code or f"http_{upstream.status}", status="error")
+    else:
+        status = "completed" if transport == "compact" else _str((response or {}).get("status"))
+        turn.record(status=status or "completed", response=response)
+    return web.Response(
+        status=upstream.status,
+        body=raw,
+        content_type=upstream.content_type or "application/json",
+    )
+
+
+async def _relay_sse(
+    request: web.Request, turn: HttpTurn, upstream: aiohttp.ClientResponse
+) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        status=upstream.status,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+    )
+    await resp.prepare(request)
+    final: dict[str, Any] | None = None
+    status: str | None = None
+    try:
+        async for event in sse.parse(upstream.content.iter_any()):
+            if turn.first_byte is None:
+                turn.first_byte = time.perf_counter()
+                metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)
+            name = None if event.event == "message" else event.event
+            try:
+                await resp.write(sse.encode(event.data, name))
+            except (ConnectionError, RuntimeError):
+                status = "cancelled"  # the client left
+                break
+            if name is None or name in TERMINAL or name == "error":
+                status, final = _terminal(event.data, status, final)
+        else:
+            await resp.write_eof()
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the upstream stream broke: recorded as an error below
+    turn.record(status=status or "error", response=final)
+    return resp
+
+
+def _terminal(
+    data: str, status: str | None, final: dict[str, Any] | None
+) -> tuple[str | None, dict[str, Any] | None]:
+    parsed = _parse(data)
+    kind = _str(parsed.get("type")) if parsed else None
+    if parsed is None or kind is None:
+        return status, final
+    if kind in TERMINAL:
+        found = parsed.get("response")
+        final = found if isinstance(found, dict) else None
+        return (_str(final.get("status")) if final else None) or kind[9:], final
+    if kind == "error":
+        return "error", final
+    return status, final
+
+
+def _parse(data: str) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(data)
+    except (orjson.JSONDecodeError, RecursionError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

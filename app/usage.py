@@ -1,0 +1,38 @@
+"""Token usage from a Response object, and what it adds to the metrics."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from app import metrics
+
+Tokens = tuple[int, int, int, int]  # input, cached input, output, reasoning
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def usage_figures(usage: object) -> Tokens | None:
+    """Clamped: upstream usage can be odd (cached above input, negatives)."""
+    if not isinstance(usage, dict):
+        return None
+    details_in = usage.get("input_tokens_details")
+    details_out = usage.get("output_tokens_details")
+    input_tokens = max(_int(usage.get("input_tokens")), 0)
+    cached = _int(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0
+    reasoning = _int(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0
+    return (
+        input_tokens,
+        min(max(cached, 0), input_tokens),
+        max(_int(usage.get("output_tokens")), 0),
+        max(reasoning, 0),
+    )
+
+
+def count_usage(model: str, team: str, tokens: Tokens, cost: Decimal) -> None:
+    for kind, value in zip(("input", "cached_input", "output", "reasoning"), tokens, strict=True):
+        if value:
+            metrics.TOKENS_TOTAL.labels(model=model, kind=kind).inc(value)
+    if cost > 0:
+        metrics.COST_USD_TOTAL.labels(team=team).inc(float(cost))
