@@ -380,7 +380,11 @@ class NodeView:
         self._task = asyncio.create_task(self._run(), name="node-view")
 
     async def _run(self) -> None:
-        while True:
+        me = asyncio.current_task()
+        # Python 3.11's asyncio.wait_for, which redis-py uses around socket writes, returns the
+        # result and drops a cancellation that lands as the write completes; without this check
+        # `stop()` would then wait forever for a task that no longer knows it was cancelled.
+        while me is None or not me.cancelling():
             await asyncio.sleep(VIEW_POLL_SECONDS)
             try:
                 changed = await self.load()

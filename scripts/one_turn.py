@@ -1,6 +1,6 @@
 """Two chained turns through the gateway with openai-python's own WebSocket client.
 
-    .venv/bin/python scripts/one_turn.py --base-url http://127.0.0.1:8080/v1 --key sk-gw-…
+.venv/bin/python scripts/one_turn.py --base-url http://127.0.0.1:8080/v1 --key sk-gw-…
 """
 
 from __future__ import annotations

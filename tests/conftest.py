@@ -19,7 +19,6 @@ from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from app.simulator import SimulatorOptions, create_simulator_app
 from services import (
     delete_prefix,
     fresh_database,
@@ -35,6 +34,7 @@ from app.ledger.migrate import migrate
 from app.models import Limits, Price, Team
 from app.node import NODE, Node
 from app.server import create_app
+from app.simulator import SimulatorOptions, create_simulator_app
 
 UPSTREAM_KEY = "sk-upstream-test-0123456789"
 MODEL = "openai/gpt-test"
@@ -182,7 +182,7 @@ async def make_tenant(
     models: tuple[str, ...] = ("openai/gpt-*",),
     limits: Limits | None = None,
     credential: str = "OPENAI_API_KEY",
-    prices: tuple[str, ...] = (MODEL, "openai/gpt-other"),
+    prices: tuple[str, ...] = (MODEL, "openai/gpt-other", "openai/o3"),
 ) -> Tenant:
     team = Team(
         id=team_id,

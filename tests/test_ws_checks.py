@@ -96,9 +96,12 @@ async def test_check1_binary_frame(connect: Connect) -> None:
         await assert_usable(ws)
 
 
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_MAX_FRAME_BYTES": 65536}])
 async def test_check1_frame_over_the_limit_closes_1009(gateway: Gateway, connect: Connect) -> None:
     limit = gateway.node.settings.max_frame_bytes
     async with connect() as ws:
+        await send(ws, create(input=[{"role": "user", "content": "x" * (limit - 300)}]))
+        assert (await until_terminal(ws))[-1]["type"] == "response.completed"
         await send(ws, create(input=[{"role": "user", "content": "x" * (limit + 1)}]))
         msg = await ws.receive(timeout=10)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

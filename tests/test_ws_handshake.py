@@ -171,7 +171,7 @@ async def test_redis_unreachable_is_503(
             assert (await resp.json())["redis"] is False
 
 
-# -- errors that end a live socket ------------------------------------------------------------------
+# -- errors that end a live socket ----------------------------------------------
 
 
 async def test_revocation_reaches_a_live_socket(

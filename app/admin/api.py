@@ -1,0 +1,282 @@
+"""The admin API (CONTRACT.md §5) and the customer's model list.
+
+`setup_admin(app)` adds:
+
+- a middleware that guards every path under `/admin/v1`: without the right bearer token the
+  answer is 401 `invalid_admin_token`, before routing can answer 404 or 405 and before any body
+  is read. The token is compared in constant time; with no `ADMIN_TOKEN` configured (dev) every
+  admin request is refused: the API is never open.
+- the `/admin/v1` routes, thin: parse, call `AdminOps`, shape the answer;
+- `GET /v1/models` and `GET /v1/gateway/models` for a customer key: the models its team may
+  route and this node can serve (allowed, priced, upstream credential set here).
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+
+from app import metrics
+from app.admin.openapi import openapi_document
+from app.admin.ops import Actor, AdminOps
+from app.admin.schemas import (
+    DEFAULT_GRACE_SECONDS,
+    PROVIDER,
+    CustomerModel,
+    KeyCreated,
+    KeyCreateRequest,
+    KeyInfo,
+    KeyRotateRequest,
+    ModelPrice,
+    PriceRequest,
+    TeamRequest,
+    model_name,
+    parse_json,
+)
+from app.errors import Code, GatewayError
+from app.handlers import authenticate, bearer
+from app.http import Handler, error_response
+from app.models import Team
+from app.node import NODE, Node
+
+PREFIX = "/admin/v1"
+ACTOR_HEADER = "X-Admin-Actor"
+DEFAULT_ACTOR = "admin-token"
+_ACTOR_MAX = 200
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# -- auth ---------------------------------------------------------------------------------------
+
+
+def is_admin_path(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def token_ok(given: str | None, expected: str | None) -> bool:
+    """Constant time in the token's content; no configured token accepts nothing."""
+    if not expected or given is None:
+        return False
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
+@web.middleware
+async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if is_admin_path(request.path):
+        node = request.app[NODE]
+        if not token_ok(bearer(request), node.settings.admin_token):
+            metrics.count_error(Code.INVALID_ADMIN_TOKEN)
+            return error_response(
+                GatewayError(Code.INVALID_ADMIN_TOKEN),
+                {"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
+            )
+    return await handler(request)
+
+
+def actor_of(request: web.Request) -> Actor:
+    name = _UNPRINTABLE.sub("", request.headers.get(ACTOR_HEADER, "")).strip()[:_ACTOR_MAX]
+    return Actor(name=name or DEFAULT_ACTOR, remote_addr=request.remote)
+
+
+def ops_for(request: web.Request) -> AdminOps:
+    node = request.app[NODE]
+    return AdminOps(node.store, node.ledger.record, actor_of(request))
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+def list_response(items: Iterable[Any]) -> web.Response:
+    data = [i.model_dump(mode="json") if isinstance(i, BaseModel) else i for i in items]
+    return json_response({"object": "list", "data": data})
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise GatewayError(Code.INVALID_REQUEST, "The request body is too large.") from None
+
+
+# -- teams --------------------------------------------------------------------------------------
+
+
+async def put_team(request: web.Request) -> web.Response:
+    body = parse_json(TeamRequest, await read_body(request))
+    team, created = await ops_for(request).put_team(body)
+    return json_response(team, 201 if created else 200)
+
+
+async def list_teams(request: web.Request) -> web.Response:
+    return list_response(await ops_for(request).list_teams())
+
+
+async def get_team(request: web.Request) -> web.Response:
+    return json_response(await ops_for(request).get_team(request.match_info["team_id"]))
+
+
+async def disable_team(request: web.Request) -> web.Response:
+    ops = ops_for(request)
+    return json_response(await ops.set_team_active(request.match_info["team_id"], False))
+
+
+async def enable_team(request: web.Request) -> web.Response:
+    ops = ops_for(request)
+    return json_response(await ops.set_team_active(request.match_info["team_id"], True))
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = parse_json(KeyCreateRequest, await read_body(request))
+    key, secret = await ops_for(request).create_key(body)
+    return json_response(KeyCreated.of(key, secret), 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    team_id = request.query.get("team_id") or None
+    keys = await ops_for(request).list_keys(team_id)
+    return list_response(KeyInfo.of(k) for k in keys)
+
+
+async def get_key(request: web.Request) -> web.Response:
+    key = await ops_for(request).get_key(request.match_info["key_id"])
+    return json_response(KeyInfo.of(key))
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    raw = await read_body(request)
+    grace = DEFAULT_GRACE_SECONDS
+    if raw.strip():
+        grace = parse_json(KeyRotateRequest, raw).grace_seconds
+    key, secret = await ops_for(request).rotate_key(request.match_info["key_id"], grace)
+    return json_response(KeyCreated.of(key, secret))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    key = await ops_for(request).revoke_key(request.match_info["key_id"])
+    return json_response(KeyInfo.of(key))
+
+
+# -- the model catalog --------------------------------------------------------------------------
+
+
+def _path_model(request: web.Request) -> str:
+    return model_name(request.match_info["provider"], request.match_info["model"])
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    catalog = await ops_for(request).catalog()
+    return list_response(ModelPrice.of(name, price) for name, price in catalog.items())
+
+
+async def get_price(request: web.Request) -> web.Response:
+    name = _path_model(request)
+    return json_response(ModelPrice.of(name, await ops_for(request).get_price(name)))
+
+
+async def set_price(request: web.Request) -> web.Response:
+    name = _path_model(request)
+    body = parse_json(PriceRequest, await read_body(request))
+    price = await ops_for(request).set_price(name, body)
+    return json_response(ModelPrice.of(name, price))
+
+
+async def delete_price(request: web.Request) -> web.Response:
+    name = _path_model(request)
+    await ops_for(request).delete_price(name)
+    return json_response({"id": name, "object": "model", "deleted": True})
+
+
+# -- sessions, the document ---------------------------------------------------------------------
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    return list_response(await ops_for(request).sessions())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+# -- the customer's model list ------------------------------------------------------------------
+
+
+def servable_models(node: Node, team: Team) -> list[str]:
+    """What the team may route and this node can serve: allowed, priced, credential set."""
+    if not node.credential(team.upstream_credential):
+        return []
+    return sorted(m for m in node.view.view.catalog if team.allows(m))
+
+
+async def _customer(request: web.Request) -> tuple[Node, Team]:
+    node = request.app[NODE]
+    try:
+        _principal, _key, team = await authenticate(node, request)
+    except GatewayError as err:
+        metrics.count_error(err.code)
+        raise
+    return node, team
+
+
+async def customer_models(request: web.Request) -> web.Response:
+    node, team = await _customer(request)
+    return list_response(CustomerModel(id=m) for m in servable_models(node, team))
+
+
+async def customer_model(request: web.Request) -> web.Response:
+    node, team = await _customer(request)
+    name = f"{request.match_info['provider']}/{request.match_info['model']}"
+    if request.match_info["provider"] != PROVIDER or name not in servable_models(node, team):
+        raise GatewayError(Code.NOT_FOUND, f"No model {name!r} for this key.", param="model")
+    return json_response(CustomerModel(id=name))
+
+
+# -- wiring -------------------------------------------------------------------------------------
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/teams", put_team),
+    ("GET", "/teams", list_teams),
+    ("GET", "/teams/{team_id}", get_team),
+    ("POST", "/teams/{team_id}/disable", disable_team),
+    ("POST", "/teams/{team_id}/enable", enable_team),
+    ("POST", "/keys", create_key),
+    ("GET", "/keys", list_keys),
+    ("GET", "/keys/{key_id}", get_key),
+    ("POST", "/keys/{key_id}/rotate", rotate_key),
+    ("POST", "/keys/{key_id}/revoke", revoke_key),
+    ("GET", "/models", list_prices),
+    ("GET", "/models/{provider}/{model}", get_price),
+    ("PUT", "/models/{provider}/{model}", set_price),
+    ("DELETE", "/models/{provider}/{model}", delete_price),
+    ("GET", "/sessions", list_sessions),
+    ("GET", "/openapi.json", openapi),
+]
+
+
+def setup_admin(app: web.Application) -> None:
+    """Add the admin routes, their guard, and the customer's model list to `app`."""
+    app.middlewares.append(admin_auth_middleware)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, PREFIX + path, handler)
+    for path in ("/v1/models", "/v1/gateway/models"):
+        app.router.add_get(path, customer_models)
+    app.router.add_get("/v1/models/{provider}/{model}", customer_model)
+
+
+__all__ = ["PREFIX", "ROUTES", "setup_admin"]
