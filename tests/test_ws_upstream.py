@@ -275,3 +275,49 @@ async def test_openai_python_parses_gateway_errors(gateway: Gateway, tenant: Ten
         assert event.status == 400
         assert event.error.code == "invalid_response_create"
         assert event.stream_id == "lane-9"
+
+
+async def test_silent_close_without_decimal_is_an_upstream_close(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, metadata={"sim_fault": "silent_close"})
+        assert len(events) == 1
+        details = closed_details(events[0])
+        assert details["upstream_close_code"] == 1000
+        await assert_usable(ws)
+
+
+async def test_decimal_fallback_is_served_over_http_and_chains(connect: Connect, sim: Sim) -> None:
+    before = metrics.UPSTREAM_RETRIES_TOTAL.labels(reason="http_fallback")._value.get()
+    async with connect() as ws:
+        r1 = (await turn(ws, input=[user("one")]))[-1]["response"]["id"]
+        second = await turn(ws, input=[user("two")], previous_response_id=r1, temperature=1.2)
+        assert second[-1]["type"] == "response.completed"
+        assert text_of(second) == "echo: two"
+        r2 = second[-1]["response"]["id"]
+        third = await turn(ws, input=[user("three")], previous_response_id=r2)
+        assert third[-1]["type"] == "response.completed"
+        assert text_of(third) == "echo: three"
+    requests = await sim.requests()
+    http = [r for r in requests if r["conn"] is None]
+    assert len(http) == 1
+    assert http[0]["body"]["stream"] is True
+    assert http[0]["body"]["previous_response_id"] is None
+    assert [i.get("content") for i in http[0]["body"]["input"] if i.get("role") == "user"] == [
+        "one",
+        "two",
+    ]
+    # Turn 3 chains to the HTTP-served response: the upstream socket never saw it, so the
+    # gateway sends the remembered conversation on a fresh socket.
+    last = requests[-1]["body"]
+    assert last["previous_response_id"] is None
+    contents = [i.get("content") for i in last["input"] if i.get("role") == "user"]
+    assert contents == ["one", "two", "three"]
+    after = metrics.UPSTREAM_RETRIES_TOTAL.labels(reason="http_fallback")._value.get()
+    assert after == before + 1
+
+
+async def test_decimal_fallback_of_an_unknown_chain_is_not_found(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, previous_response_id="resp_elsewhere", temperature=0.7)
+        assert_error(events[-1], "previous_response_not_found", 400, "previous_response_id")
+        await assert_usable(ws)
