@@ -75,10 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif (code := _admin(args)) is not None:
             return code
         elif args.command == "migrate":
+            from app.ledger import MigrationError
             from app.ledger.migrate import migrate
 
             db = load(DatabaseSettings)
-            applied = asyncio.run(migrate(db.database_url))
+            try:
+                applied = asyncio.run(migrate(db.database_url))
+            except MigrationError as exc:
+                print(f"gateway migrate: {exc}", file=sys.stderr)
+                return 1
             print(f"migrations applied: {len(applied)}" + "".join(f"\n  {m}" for m in applied))
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)

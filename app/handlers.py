@@ -134,8 +134,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    metrics.LEDGER_PENDING_ROWS.set(node.ledger.pending_rows)
     return web.Response(
         body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
