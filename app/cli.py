@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8081)
     add_simulate_arguments(sim)
     sub.add_parser("migrate", help="apply migrations/ to DATABASE_URL")
+    from app.bench.cli import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="load-test a gateway (gateway bench --help)"))
     from app.admin.cli import add_admin_commands
 
     add_admin_commands(sub)
@@ -74,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_simulator(args.host, args.port, options_from_args(args)))
         elif (code := _admin(args)) is not None:
             return code
+        elif args.command == "bench":
+            from app.bench.cli import run_bench
+
+            return run_bench(args)
         elif args.command == "migrate":
             from app.ledger import MigrationError
             from app.ledger.migrate import migrate

@@ -1,0 +1,1 @@
+"""`gateway bench`: load generator and bare relay for performance comparisons."""
