@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 from conftest import (
     MODEL,
@@ -321,3 +322,50 @@ async def test_decimal_fallback_of_an_unknown_chain_is_not_found(connect: Connec
         events = await turn(ws, previous_response_id="resp_elsewhere", temperature=0.7)
         assert_error(events[-1], "previous_response_not_found", 400, "previous_response_id")
         await assert_usable(ws)
+
+
+# -- conversation memory bounds --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_CONTEXT_BYTES": 2048}])
+async def test_memory_bound_per_socket(gateway: Gateway, connect: Connect, sim: Sim) -> None:
+    async with connect() as ws:
+        small = (await turn(ws, input=[user("short")]))[-1]["response"]["id"]
+        events = await turn(
+            ws, input=[user("ok")], previous_response_id=small, metadata={"sim_fault": "forget"}
+        )
+        assert events[-1]["type"] == "response.completed"  # within the bound: retried
+        big = (await turn(ws, input=[user("y " * 2000)]))[-1]["response"]["id"]
+        events = await turn(
+            ws, input=[user("more")], previous_response_id=big, metadata={"sim_fault": "forget"}
+        )
+        # Over the bound the gateway does not guess: the client resends the context.
+        assert_error(events[-1], "previous_response_not_found", 400, "previous_response_id")
+    assert gateway.node.memory_budget.used == 0  # a closed socket leaves nothing behind
+    assert await gateway.node.ledger.flushed(10)
+    conn = await asyncpg.connect(gateway.node.settings.database_url)
+    try:
+        flag = await conn.fetchval(
+            "SELECT memory_bound_exceeded FROM turns WHERE previous_response_id = $1", big
+        )
+    finally:
+        await conn.close()
+    assert flag is True
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_CONTEXT_TOTAL_BYTES": 3000}])
+async def test_memory_bound_per_node_drops_the_least_recent(
+    gateway: Gateway, connect: Connect
+) -> None:
+    async with connect() as first, connect() as second:
+        r1 = (await turn(first, input=[user("a " * 500)]))[-1]["response"]["id"]
+        r2 = (await turn(second, input=[user("b " * 500)]))[-1]["response"]["id"]
+        assert gateway.node.memory_budget.used <= 3000
+        lost = await turn(
+            first, input=[user("x")], previous_response_id=r1, metadata={"sim_fault": "forget"}
+        )
+        assert_error(lost[-1], "previous_response_not_found", 400, "previous_response_id")
+        kept = await turn(
+            second, input=[user("x")], previous_response_id=r2, metadata={"sim_fault": "forget"}
+        )
+        assert kept[-1]["type"] == "response.completed"
