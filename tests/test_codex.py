@@ -1,0 +1,118 @@
+"""Codex CLI (`codex exec`, pinned) through the gateway, over WebSocket and over HTTP (SSE).
+
+Codex is installed from npm into `var/codex` once; the test is skipped, with the reason, only when
+npm or the registry cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Gateway, Sim, Tenant
+
+CODEX_VERSION = "0.169.0"
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = ROOT / "var" / "codex"
+BINARY = PREFIX / "node_modules" / ".bin" / "codex"
+
+
+@pytest.fixture(scope="module")
+def codex() -> Path:
+    if BINARY.exists():
+        return BINARY
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed: cannot fetch @openai/codex")
+    PREFIX.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            npm,
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            str(PREFIX),
+            f"@openai/codex@{CODEX_VERSION}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0 or not BINARY.exists():
+        pytest.skip(f"npm could not install @openai/codex: {result.stderr.strip()[-300:]}")
+    return BINARY
+
+
+def write_config(home: Path, base_url: str, websockets: bool) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f"""model = "openai/gpt-test"
+model_provider = "gateway"
+
+[model_providers.gateway]
+name = "gateway"
+base_url = "{base_url}"
+wire_api = "responses"
+env_key = "GATEWAY_TEST_KEY"
+supports_websockets = {str(websockets).lower()}
+request_max_retries = 0
+stream_max_retries = 0
+"""
+    )
+
+
+async def run_codex(codex: Path, home: Path, key: str, workdir: Path, prompt: str) -> str:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "CODEX_HOME": str(home),
+        "GATEWAY_TEST_KEY": key,
+        "NO_COLOR": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(codex),
+        "exec",
+        "--skip-git-repo-check",
+        "--sandbox",
+        "read-only",
+        prompt,
+        cwd=workdir,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=90)
+    except TimeoutError:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return out.decode()
+
+
+@pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "http-sse"])
+async def test_codex_exec_through_the_gateway(
+    codex: Path, gateway: Gateway, tenant: Tenant, sim: Sim, tmp_path: Path, websockets: bool
+) -> None:
+    home = tmp_path / "codex-home"
+    write_config(home, gateway.url("/v1"), websockets)
+    out = await run_codex(codex, home, tenant.key, tmp_path, "ping from codex")
+    assert "echo: ping from codex" in out
+    requests = await sim.requests()
+    over_ws = [r for r in requests if r["conn"] is not None]
+    over_http = [r for r in requests if r["conn"] is None]
+    if websockets:
+        assert over_ws and not over_http
+        assert any(r["body"].get("generate") is False for r in over_ws)  # Codex's prewarm
+    else:
+        assert over_http and not over_ws
+    for request in requests:
+        assert request["body"]["store"] is False
+        assert request["body"]["model"] == "gpt-test"
