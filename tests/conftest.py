@@ -282,3 +282,11 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
 
 async def _maybe_await(value: Any) -> Any:
     return await value if asyncio.iscoroutine(value) else value
+
+
+async def drop_upstream_connections(sim: Sim) -> int:
+    """Cut every open upstream socket of the simulator (the gateway sees a 1006 drop)."""
+    conns = (await sim._json("GET", "/_sim/connections"))["data"]
+    for conn in conns:
+        await sim._json("POST", f"/_sim/connections/{conn['id']}/drop")
+    return len(conns)

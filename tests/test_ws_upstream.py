@@ -15,6 +15,7 @@ from conftest import (
     Sim,
     Tenant,
     create,
+    drop_upstream_connections,
     recv,
     send,
     text_of,
@@ -369,3 +370,22 @@ async def test_memory_bound_per_node_drops_the_least_recent(
             second, input=[user("x")], previous_response_id=r2, metadata={"sim_fault": "forget"}
         )
         assert kept[-1]["type"] == "response.completed"
+
+
+async def test_upstream_drop_between_turns_keeps_the_conversation(
+    connect: Connect, sim: Sim
+) -> None:
+    async with connect() as ws:
+        r1 = (await turn(ws, input=[user("one")]))[-1]["response"]["id"]
+        r2 = (await turn(ws, input=[user("two")], previous_response_id=r1))[-1]["response"]["id"]
+        assert await drop_upstream_connections(sim) == 1
+        await asyncio.sleep(0.1)
+        third = await turn(ws, input=[user("three")], previous_response_id=r2)
+        assert third[-1]["type"] == "response.completed", third[-1]
+        assert text_of(third) == "echo: three"
+    last = (await sim.requests())[-1]["body"]
+    assert last["previous_response_id"] is None
+    contents = [i.get("content") for i in last["input"] if i.get("role") == "user"]
+    assert contents == ["one", "two", "three"]
+    assert sum(1 for i in last["input"] if i.get("role") == "assistant") == 2
+    assert len(await sim.handshakes()) == 2

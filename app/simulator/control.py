@@ -65,6 +65,15 @@ async def get_connections(request: web.Request) -> web.Response:
     return json_response({"data": [info.as_json() for info in infos]})
 
 
+async def post_drop(request: web.Request) -> web.Response:
+    """Cut one upstream socket's TCP connection now, idle or not (the client sees 1006)."""
+    info = request.app[STATE].connections.get(request.match_info["conn_id"])
+    if info is None or info.drop is None:
+        return SimError(404, "not_found", "No such open connection.", None).http_response()
+    info.drop()
+    return json_response({"dropped": info.id})
+
+
 def _armed(state: SimState) -> dict[str, Any]:
     return {"handshake": state.handshake_faults.snapshot(), "turn": state.turn_faults.snapshot()}
 
@@ -80,3 +89,4 @@ def add_control_routes(app: web.Application) -> None:
     app.router.add_post("/_sim/faults", post_faults)
     app.router.add_post("/_sim/reset", post_reset)
     app.router.add_get("/_sim/connections", get_connections)
+    app.router.add_post("/_sim/connections/{conn_id}/drop", post_drop)

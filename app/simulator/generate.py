@@ -498,10 +498,13 @@ def expand_input(items: Iterable[Json]) -> list[Json]:
 def build_compaction(
     req: CompactRequest, prev: Chain | None, *, now: float, ids: IdFactory = new_id
 ) -> Json:
-    """`POST /v1/responses/compact`: keep the user messages, fold everything else into one item."""
+    """`POST /v1/responses/compact`: the whole context folded into one `compaction` item.
+
+    Only output items may appear in `output` (openai-python's `CompactedResponse`: a `message`
+    there is an assistant's), so the user's messages are folded too, not kept beside it.
+    """
     context = [*(prev.items if prev else ()), *expand_input(req.input_items)]
-    kept = [item for item in context if is_user_message(item)]
-    folded = [item for item in context if not is_user_message(item)]
+    folded = context
     input_tokens = max(1, instruction_words(req.instructions) + count_words(context))
     cached = min(prev.words if prev else 0, input_tokens)
     compaction = {
@@ -513,6 +516,6 @@ def build_compaction(
         "id": ids("cmp"),
         "object": "response.compaction",
         "created_at": int(now),
-        "output": [*kept, compaction],
+        "output": [compaction],
         "usage": usage_object(input_tokens, cached, count_words(folded), 0),
     }

@@ -6,6 +6,7 @@ import random
 import time
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,8 @@ class ConnectionInfo:
     opened_at: float
     last: Chain | None = None
     turns: int = 0
+    # Cuts the TCP connection with no close frame (POST /_sim/connections/{id}/drop).
+    drop: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -49,6 +49,9 @@ async def handle_websocket(request: web.Request) -> web.StreamResponse:
         return refusal
     await ws.prepare(request)
     info = ConnectionInfo(conn_id, time.time())
+    transport = request.transport
+    if transport is not None:
+        info.drop = transport.abort
     state.connections[conn_id] = info
     state.sockets.add(ws)
     try:
