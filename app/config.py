@@ -63,6 +63,8 @@ class Settings(RedisSettings, DatabaseSettings):
     upstream_max_frame_bytes: int = Field(
         default=256 * MIB, alias="GATEWAY_UPSTREAM_MAX_FRAME_BYTES", gt=0
     )
+    # Bytes waiting to go to one client; past it the client is not reading: closed with 1008.
+    max_pending_bytes: int = Field(default=32 * MIB, alias="GATEWAY_MAX_PENDING_BYTES", gt=0)
     http_fallback: bool = Field(default=True, alias="GATEWAY_HTTP_FALLBACK")
     drain_seconds: float = Field(default=30, alias="GATEWAY_DRAIN_SECONDS", ge=0)
     spill_dir: Path = Field(default=Path("./var/spill"), alias="GATEWAY_SPILL_DIR")

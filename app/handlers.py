@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import orjson
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
 from app.errors import Code, GatewayError
@@ -88,6 +88,7 @@ async def _serve_socket(
     session = Session(node, ws, principal, socket_id, model)
     try:
         await ws.prepare(request)
+        session.watch_outbound(request.transport)
         node.add_session(session)
         metrics.WS_CONNECTIONS_TOTAL.labels(outcome="accepted").inc()
         metrics.WS_CONNECTIONS_ACTIVE.inc()
@@ -134,6 +135,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    """Prometheus text: this process's metrics, or with `--workers N` every worker's added up."""
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

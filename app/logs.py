@@ -1,9 +1,13 @@
-"""Structured JSON logs: one object per line; `extra=` fields become keys. Never log a secret."""
+"""Structured JSON logs: one object per line; `extra=` fields become keys. Never log a secret.
+
+Sockets and responses are logged with their socket id and the key's public prefix, never the key.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -14,10 +18,11 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # which worker, with `gateway serve --workers N`
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):

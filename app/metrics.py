@@ -1,17 +1,47 @@
-"""Prometheus metrics of CONTRACT.md §6.
+"""Prometheus metrics of CONTRACT.md §6, and the process metrics beside them.
 
-Names are fixed by the contract; labels are bounded (never a key, a key id or a socket id).
-Every metric lives in one module so dashboards and alert rules have a single source.
+Names are fixed by the contract; labels are bounded (never a key, a key id or a socket id): close
+codes a client picks and error codes an upstream sends are folded into a few values here.
+
+One process (`gateway serve`): every metric lives in `REGISTRY`, with prometheus-client's process,
+platform and GC collectors. Several workers (`gateway serve --workers N`): the parent sets
+`PROMETHEUS_MULTIPROC_DIR` before a worker's interpreter starts, so every value below is kept in a
+file there, and any worker's `/metrics` adds up all of them (`MultiProcessCollector`); the gauges
+say how (`multiprocess_mode`). Process metrics cannot be collected across processes, so each
+worker samples its own into the gauges of `_MultiProcessSampler`, summed the same way.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import re
+from typing import Literal
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from app.errors import Code
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Read once, at import: prometheus-client picks its value storage when it is first imported.
+MULTIPROC_DIR: str | None = os.environ.get(MULTIPROC_ENV) or None
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-# Sub-millisecond buckets: the gateway's own work per forwarded event.
+# Sub-millisecond buckets: the gateway's own work per forwarded event (tens of microseconds).
 _OVERHEAD_BUCKETS = (
+    0.00001,
+    0.000025,
     0.00005,
     0.0001,
     0.00025,
@@ -21,12 +51,11 @@ _OVERHEAD_BUCKETS = (
     0.005,
     0.01,
     0.025,
-    0.05,
     0.1,
 )
-# Seconds: what an upstream model takes.
-_TTFE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Seconds: what an upstream model takes to start (time to first event) and to finish.
+_TTFE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 WS_CONNECTIONS_ACTIVE = Gauge(
     "gateway_ws_connections_active",
@@ -105,19 +134,133 @@ LEDGER_WRITE_FAILURES_TOTAL = Counter(
     "Failed attempts to write a batch of ledger rows.",
     registry=REGISTRY,
 )
+# `livemax`: a worker that died says nothing; any live worker reaching the service counts as up
+# (a worker that has not called it yet reads 0 and must not hide the others).
 REDIS_UP = Gauge(
     "gateway_redis_up",
     "1 when the last Redis call succeeded, else 0.",
     registry=REGISTRY,
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 POSTGRES_UP = Gauge(
     "gateway_postgres_up",
     "1 when the last Postgres call succeeded, else 0.",
     registry=REGISTRY,
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
+
+# Known label values start at 0, so `rate()` and `increase()` see the first event too.
+WS_CONNECTIONS_TOTAL.labels(outcome="accepted")
+for _reason in ("previous_response_not_found", "http_fallback"):
+    UPSTREAM_RETRIES_TOTAL.labels(reason=_reason)
+for _code in Code:
+    ERRORS_TOTAL.labels(code=_code.value)
+
+_Mode = Literal["livesum", "livemin"]
+_ERROR_CODE = re.compile(r"^[a-z0-9_.]{1,64}$")
+# Close codes RFC 6455 and IANA define; codes a peer picks (3000-4999) fold into two values.
+_KNOWN_CLOSE_CODES = frozenset(range(1000, 1016))
 
 
 def count_error(code: str) -> None:
-    ERRORS_TOTAL.labels(code=code).inc()
+    """Count an error; a code an upstream made up (odd characters, very long) counts as `other`."""
+    ERRORS_TOTAL.labels(code=code if _ERROR_CODE.match(code) else "other").inc()
+
+
+def close_code_label(code: int | None) -> str:
+    if code is None:
+        return "none"
+    if code in _KNOWN_CLOSE_CODES:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
+
+
+def count_close(side: str, code: int | None) -> None:
+    WS_CLOSES_TOTAL.labels(side=side, code=close_code_label(code)).inc()
+
+
+# -- process metrics ------------------------------------------------------------------------------
+
+
+class _MultiProcessSampler:
+    """Each worker's process figures, kept in multiprocess gauges and a counter.
+
+    prometheus-client's `ProcessCollector` reads /proc for the process that serves the scrape
+    only; here every worker writes its own figures, and the scrape adds them up.
+    """
+
+    def __init__(self) -> None:
+        self._source = ProcessCollector(registry=None)
+        self._cpu_seen = 0.0
+        self.resident = _live_gauge("process_resident_memory_bytes", "Resident memory size.")
+        self.virtual = _live_gauge("process_virtual_memory_bytes", "Virtual memory size.")
+        self.open_fds = _live_gauge("process_open_fds", "Open file descriptors.")
+        self.max_fds = _live_gauge(
+            "process_max_fds", "Maximum open file descriptors (per process).", "livemin"
+        )
+        self.start_time = _live_gauge(
+            "process_start_time_seconds", "Start time of the oldest live worker.", "livemin"
+        )
+        self.cpu = Counter(
+            "process_cpu_seconds", "User and system CPU time spent, all workers.", registry=REGISTRY
+        )
+
+    def sample(self) -> None:
+        values = {
+            sample.name: sample.value
+            for family in self._source.collect()
+            for sample in family.samples
+        }
+        gauges = {
+            "process_resident_memory_bytes": self.resident,
+            "process_virtual_memory_bytes": self.virtual,
+            "process_open_fds": self.open_fds,
+            "process_max_fds": self.max_fds,
+            "process_start_time_seconds": self.start_time,
+        }
+        for name, gauge in gauges.items():
+            if name in values:
+                gauge.set(values[name])
+        cpu = values.get("process_cpu_seconds_total")
+        if cpu is not None and cpu > self._cpu_seen:
+            self.cpu.inc(cpu - self._cpu_seen)
+            self._cpu_seen = cpu
+
+
+def _live_gauge(name: str, documentation: str, mode: _Mode = "livesum") -> Gauge:
+    return Gauge(name, documentation, registry=REGISTRY, multiprocess_mode=mode)
+
+
+_SAMPLER: _MultiProcessSampler | None = None
+if MULTIPROC_DIR is None:
+    for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        REGISTRY.register(_collector)
+else:
+    _SAMPLER = _MultiProcessSampler()
+
+
+def sample_process() -> None:
+    """Several workers: record this worker's memory, CPU and descriptors (every few seconds)."""
+    if _SAMPLER is not None:
+        _SAMPLER.sample()
+
+
+def _scrape_registry() -> CollectorRegistry:
+    if MULTIPROC_DIR is None:
+        return REGISTRY
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+    PlatformCollector(registry=registry)
+    return registry
+
+
+_SCRAPE = _scrape_registry()
+
+
+def exposition() -> bytes:
+    """The text `/metrics` serves: this process's metrics, or every worker's added up."""
+    return generate_latest(_SCRAPE)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import weakref
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -13,8 +16,12 @@ from app.http import errors_middleware
 from app.keystore import KeyStore
 from app.ledger import Ledger
 from app.node import NODE, Node
+from app.session import Session, State
 
 log = logging.getLogger("gateway.server")
+
+# How long a drain waits, after its deadline, for close frames to be answered.
+_CLOSE_WAIT_SECONDS = 2.0
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -53,12 +60,43 @@ async def _on_shutdown(app: web.Application) -> None:
     await drain(node, deadline=node.settings.drain_seconds)
 
 
+# When each node's drain ends: a second call (the app's on_shutdown after the CLI's own drain)
+# keeps the first call's deadline instead of starting a new one.
+_DRAIN_ENDS: weakref.WeakKeyDictionary[Node, float] = weakref.WeakKeyDictionary()
+_DRAIN_POLL_SECONDS = 0.1
+
+
 async def drain(node: Node, deadline: float) -> None:
-    """SIGTERM (CONTRACT.md §6): refuse new work, let responses in flight finish, then 1001."""
+    """SIGTERM (CONTRACT.md §6): refuse new work, let responses in flight finish, then 1001.
+
+    New handshakes and POSTs are refused from the first line on (the handlers read
+    `node.draining`); `gateway serve` drains before it stops listening, so they get 503, not a
+    refused connection. Idle sockets close with 1001 at once, busy ones right after their
+    terminal event; at `deadline` seconds what still runs gets `server_shutting_down` and 1001.
+    Each close runs in its own task: a client slow to answer its close frame holds up no one
+    else. A socket whose handshake was under way when the flag went up joins `node.sessions`
+    late: it is asked too, here or by the second call (`on_shutdown`).
+    """
     node.draining = True
-    sessions = list(node.sessions)
-    for session in sessions:
-        await session.drain()
-    await node.wait_no_sessions(deadline)
-    for session in list(node.sessions):
-        await session.drain_deadline()
+    loop = asyncio.get_running_loop()
+    end = min(_DRAIN_ENDS.get(node, math.inf), loop.time() + deadline)
+    _DRAIN_ENDS[node] = end
+    asked: set[Session] = set()
+    closing: set[asyncio.Task[None]] = set()
+    while True:
+        for session in list(node.sessions):
+            if session not in asked:
+                asked.add(session)
+                closing.add(asyncio.create_task(session.drain(), name=f"drain-{session.id}"))
+        remaining = end - loop.time()
+        if remaining <= 0 or await node.wait_no_sessions(min(remaining, _DRAIN_POLL_SECONDS)):
+            break
+    late = [s for s in node.sessions if s.state is State.IN_FLIGHT]
+    if late:
+        log.warning("drain deadline: ending %d response(s) in flight", len(late))
+    closing.update(
+        asyncio.create_task(s.drain_deadline(), name=f"drain-deadline-{s.id}") for s in late
+    )
+    if closing:
+        # Close frames are out; a client that never answers one is cut by the runner's cleanup.
+        await asyncio.wait(closing, timeout=_CLOSE_WAIT_SECONDS)

@@ -145,9 +145,11 @@ class Session:
         self._upstream_reader: asyncio.Task[None] | None = None
         self.last_upstream_close: tuple[int | None, str | None] = (None, None)
         self.closed_by: Literal["client", "gateway"] = "client"
+        self._sent_close: int | None = None  # aiohttp keeps the peer's reply code instead
         self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
         self._last_upstream_frame = time.monotonic()
         self._close_after_turn: int | None = None
+        self._transport: asyncio.WriteTransport | None = None
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -187,7 +189,9 @@ class Session:
                 if msg.type == WSMsgType.TEXT:
                     await self.on_text(msg.data)
                 elif msg.type == WSMsgType.ERROR:
-                    self.closed_by = "gateway"  # aiohttp closed it: 1009 too large, 1007 bad UTF-8
+                    # aiohttp closed it: 1009 too large, 1007 bad UTF-8
+                    self.closed_by = "gateway"
+                    self._sent_close = self.ws.close_code
                 elif msg.type == WSMsgType.BINARY:
                     await self.refuse(
                         GatewayError(
@@ -262,8 +266,21 @@ class Session:
         if err.spec.close_code is not None:
             await self.close(err.spec.close_code, err.code)
 
+    def watch_outbound(self, transport: asyncio.BaseTransport | None) -> None:
+        """Let the client's buffer grow to the limit, so a full one is seen, not waited on."""
+        if isinstance(transport, asyncio.WriteTransport):
+            limit = self.node.settings.max_pending_bytes
+            transport.set_write_buffer_limits(high=limit)
+            self._transport = transport
+
     async def _send(self, text: str) -> bool:
         if self.ws.closed:
+            return False
+        transport = self._transport
+        if transport is not None and transport.get_write_buffer_size() + len(text) > (
+            self.node.settings.max_pending_bytes
+        ):
+            await self._drop_slow_client(transport)
             return False
         try:
             await self.ws.send_str(text)
@@ -271,11 +288,27 @@ class Session:
             return False
         return True
 
+    async def _drop_slow_client(self, transport: asyncio.WriteTransport) -> None:
+        log.warning(
+            "client not reading: closing",
+            extra={
+                "socket_id": self.id,
+                "key_prefix": self.principal.key_prefix,
+                "pending_bytes": transport.get_write_buffer_size(),
+            },
+        )
+        metrics.count_error("client_not_reading")
+        try:
+            await asyncio.wait_for(self.close(1008, "client not reading"), timeout=1.0)
+        except TimeoutError:
+            transport.abort()  # its close frame sits behind what it would not read
+
     async def close(self, code: int, reason: str = "") -> None:
         """The gateway closes the client socket."""
         if self.state in (State.CLOSING, State.CLOSED):
             return
         self.closed_by = "gateway"
+        self._sent_close = code
         self._transition(State.CLOSING)
         with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
             await self.ws.close(code=code, message=reason.encode()[:120])
@@ -374,6 +407,17 @@ class Session:
         metrics.RESPONSES_TOTAL.labels(model=model, status=status).inc()
         metrics.RESPONSE_DURATION.observe(duration)
         ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
+        log.info(
+            "response",
+            extra={
+                "socket_id": self.id,
+                "key_prefix": self.principal.key_prefix,
+                "model": model,
+                "status": status,
+                "response_id": turn.response_id,
+                "duration_ms": round(duration * 1000, 1),
+            },
+        )
         self.node.ledger.record(
             TurnRecord(
                 socket_id=self.id,
@@ -552,7 +596,7 @@ class Session:
         """The upstream socket ended (close frame, drop or silence)."""
         if conn.closing:
             return  # the gateway closed it (replaced, or the client left)
-        metrics.WS_CLOSES_TOTAL.labels(side="upstream", code=str(code)).inc()
+        metrics.count_close("upstream", code)
         self.last_upstream_close = (code, reason)
         if self.upstream is conn:
             self.upstream = None
@@ -625,7 +669,7 @@ class Session:
             return
         turn = self.turn
         metrics.count_error(code)
-        await self._abort_turn("error")
+        self._abort_turn("error")
         await self._send_error(GatewayError(code), turn.frame.stream_id if turn else None)
 
     def principal_status(self) -> Code | None:
@@ -643,7 +687,7 @@ class Session:
             return Code.API_KEY_EXPIRED
         return status
 
-    async def _abort_turn(self, status: str) -> None:
+    def _abort_turn(self, status: str) -> None:
         turn = self.turn
         if turn is None:
             return
@@ -663,42 +707,46 @@ class Session:
     async def drain_deadline(self) -> None:
         if self.state is State.IN_FLIGHT:
             turn = self.turn
-            await self._abort_turn("error")
+            metrics.count_error(Code.SERVER_SHUTTING_DOWN)
+            self._abort_turn("error")
             await self._send_error(
                 GatewayError(Code.SERVER_SHUTTING_DOWN),
                 turn.frame.stream_id if turn else None,
             )
 
     async def _finish(self) -> None:
-        """After the client loop: cancel the turn, close upstream, record the socket."""
+        """After the client loop: cancel the turn, record the socket, close upstream.
+
+        Everything is recorded before the one await: aiohttp may cancel this task when the
+        client's connection is lost, and a cancelled task must not lose its ledger row.
+        """
         if self.state is not State.CLOSING and self.state is not State.CLOSED:
             self._transition(State.CLOSING)
-        await self._abort_turn("cancelled")
+        self._abort_turn("cancelled")
         if self._upstream_reader is not None:
             self._upstream_reader.cancel()
-        if self.upstream is not None:
-            conn, self.upstream = self.upstream, None
-            if not conn.ws.closed:
-                self.last_upstream_close = (1000, "closed by the gateway with the client socket")
-            await conn.close()
+        conn, self.upstream = self.upstream, None
+        if conn is not None and not conn.ws.closed:
+            self.last_upstream_close = (1000, "closed by the gateway with the client socket")
         self.memory.clear()
         self._transition(State.CLOSED)
-        code = self.ws.close_code
-        metrics.WS_CLOSES_TOTAL.labels(side=self.closed_by, code=str(code)).inc()
-        reason = ""
+        code = self._sent_close if self.closed_by == "gateway" else self.ws.close_code
+        metrics.count_close(self.closed_by, code)
         self.node.ledger.record(
             SocketClosed(
                 socket_id=self.id,
                 closed_at=now_utc(),
                 closed_by=self.closed_by,
                 close_code=code,
-                close_reason=reason,
+                close_reason="",
                 upstream_close_code=self.last_upstream_close[0],
                 upstream_close_reason=self.last_upstream_close[1],
                 turns=self.turns,
                 model=self.model,
             )
         )
+        if conn is not None:
+            await conn.close()
 
 
 def _closed_error(code: int, reason: str) -> GatewayError:

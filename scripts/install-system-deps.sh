@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages `make run` / `make test` need, from Debian's packages, only when
-# they are missing: redis-server, PostgreSQL (server binaries), and python3 + venv support.
+# they are missing: redis-server, PostgreSQL (server binaries), python3 + venv support, and the
+# ops tools the tests run (tests/test_ops_*.py): Prometheus (prometheus, promtool) and systemd's
+# systemd-analyze. The ops tools come without their recommended packages (no node exporter daemon).
 # Idempotent: prints nothing and exits 0 when everything is already there.
 set -euo pipefail
 
@@ -32,7 +34,15 @@ elif [[ ! -x "$repo_root/.venv/bin/python" ]] && ! python3 -c 'import ensurepip,
     missing+=(python3-venv)
 fi
 
-if [[ ${#missing[@]} -eq 0 ]]; then
+ops_missing=()
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    ops_missing+=(prometheus)
+fi
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    ops_missing+=(systemd)
+fi
+
+if [[ ${#missing[@]} -eq 0 && ${#ops_missing[@]} -eq 0 ]]; then
     exit 0
 fi
 
@@ -42,13 +52,13 @@ fail() {
 }
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    fail "missing ${missing[*]} and no apt-get to install them; install them yourself"
+    fail "missing ${missing[*]} ${ops_missing[*]} and no apt-get to install them; install them yourself"
 fi
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then
     if ! command -v sudo >/dev/null 2>&1; then
-        fail "missing ${missing[*]}; not root and no sudo: run 'apt-get install -y ${missing[*]}' as root"
+        fail "missing ${missing[*]} ${ops_missing[*]}; not root and no sudo: run 'apt-get install -y ${missing[*]} ${ops_missing[*]}' as root"
     fi
     sudo=(sudo)
     if [[ ! -t 0 ]]; then
@@ -56,11 +66,15 @@ if [[ $(id -u) -ne 0 ]]; then
     fi
 fi
 
-echo "install-system-deps: installing ${missing[*]} (apt-get)" >&2
+echo "install-system-deps: installing ${missing[*]} ${ops_missing[*]} (apt-get)" >&2
 export DEBIAN_FRONTEND=noninteractive
 if ! "${sudo[@]}" apt-get update -q; then
-    fail "'apt-get update' failed; cannot install ${missing[*]}"
+    fail "'apt-get update' failed; cannot install ${missing[*]} ${ops_missing[*]}"
 fi
-if ! "${sudo[@]}" apt-get install -y -q "${missing[@]}"; then
+if [[ ${#missing[@]} -gt 0 ]] && ! "${sudo[@]}" apt-get install -y -q "${missing[@]}"; then
     fail "'apt-get install -y ${missing[*]}' failed"
+fi
+if [[ ${#ops_missing[@]} -gt 0 ]] \
+    && ! "${sudo[@]}" apt-get install -y -q --no-install-recommends "${ops_missing[@]}"; then
+    fail "'apt-get install -y --no-install-recommends ${ops_missing[*]}' failed"
 fi

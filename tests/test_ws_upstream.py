@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from conftest import (
@@ -20,6 +21,7 @@ from conftest import (
     send,
     text_of,
     turn,
+    wait_for,
 )
 from test_ws_checks import assert_error, assert_usable
 
@@ -389,3 +391,20 @@ async def test_upstream_drop_between_turns_keeps_the_conversation(
     assert contents == ["one", "two", "three"]
     assert sum(1 for i in last["input"] if i.get("role") == "assistant") == 2
     assert len(await sim.handshakes()) == 2
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_MAX_PENDING_BYTES": 256 * 1024}])
+async def test_client_that_stops_reading_is_closed_1008(gateway: Gateway, connect: Connect) -> None:
+    closes = metrics.WS_CLOSES_TOTAL.labels(side="gateway", code="1008")
+    before = closes._value.get()
+    async with connect() as ws:
+        big = str(24 * 1024 * 1024)  # streamed as 64 KiB deltas
+        await send(ws, create(metadata={"sim_fault": "large", "sim_large_bytes": big}))
+        await asyncio.sleep(2.0)  # not reading: kernel buffers fill, then the gateway's
+        for _ in range(2000):
+            msg = await ws.receive(timeout=5)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+        assert ws.close_code == 1008
+    await wait_for(lambda: closes._value.get() == before + 1)
+    await wait_for(lambda: not gateway.node.sessions)

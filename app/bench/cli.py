@@ -1,14 +1,214 @@
-"""Placeholder wiring for `gateway bench`; the benchmark itself lives in this package."""
+"""`gateway bench`: flags, and the run they start (one target, or `--compare`)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from app.bench.load import BenchError
+from app.bench.plan import Plan
+
+DEFAULT_MODEL = "openai/gpt-5-mini"
+N = TypeVar("N", int, float)
+
+
+def _at_least(kind: Callable[[str], N], low: N, *, strict: bool) -> Callable[[str], N]:
+    """An argparse type: a number of `kind` above `low` (or at least `low`)."""
+
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low or (strict and value == low):
+            bound = f"> {low}" if strict else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="ws://127.0.0.1:8080/v1/responses")
+    parser.description = (
+        "Load-test a gateway (or any WebSocket Responses endpoint) and print its figures. "
+        "With --compare, start a simulator, a bare relay and a gateway, and compare them."
+    )
+    pos_int, pos_float = _at_least(int, 0, strict=True), _at_least(float, 0.0, strict=True)
+    nn_int, nn_float = _at_least(int, 0, strict=False), _at_least(float, 0.0, strict=False)
+    target = parser.add_argument_group("target (without --compare)")
+    target.add_argument(
+        "--url",
+        default="ws://127.0.0.1:8080/v1/responses",
+        help="the WebSocket endpoint (default ws://127.0.0.1:8080/v1/responses)",
+    )
+    target.add_argument(
+        "--key",
+        default=os.environ.get("GATEWAY_BENCH_KEY"),
+        help="gateway key (or $GATEWAY_BENCH_KEY)",
+    )
+    target.add_argument(
+        "--gateway-pid",
+        type=pos_int,
+        metavar="PID",
+        help="the gateway's process on this host: CPU per 1,000 events and RSS per idle socket",
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument("--model", default=DEFAULT_MODEL, help=f"(default {DEFAULT_MODEL})")
+    load.add_argument("--sockets", type=pos_int, default=200, help="paced sockets (default 200)")
+    load.add_argument("--turns", type=pos_int, default=2, help="turns per socket (default 2)")
+    load.add_argument("--deltas", type=pos_int, default=20, help="deltas per turn (default 20)")
+    load.add_argument(
+        "--gap-ms", type=nn_float, default=50.0, help="simulator's pause before each delta (50)"
+    )
+    load.add_argument(
+        "--concurrency", type=pos_int, default=64, help="handshakes in flight at once (64)"
+    )
+    load.add_argument(
+        "--handshakes", type=nn_int, default=1000, help="sockets opened for the rate (1000)"
+    )
+    load.add_argument(
+        "--idle-sockets", type=nn_int, default=1000, help="idle sockets for the RSS figure (1000)"
+    )
+    load.add_argument(
+        "--timeout",
+        type=pos_float,
+        default=60.0,
+        help="seconds a turn may take (60)",
+    )
+    cmp = parser.add_argument_group("--compare")
+    cmp.add_argument(
+        "--compare",
+        action="store_true",
+        help="start a simulator, a bare relay and a gateway; run the load on each, alternating",
+    )
+    cmp.add_argument("--rounds", type=pos_int, default=3, help="alternating rounds (3)")
+    cmp.add_argument(
+        "--saturate-sockets", type=pos_int, default=50, help="sockets of the saturated load (50)"
+    )
+    cmp.add_argument(
+        "--saturate-turns", type=pos_int, default=10, help="turns per socket, saturated (10)"
+    )
+    cmp.add_argument(
+        "--saturate-deltas", type=pos_int, default=100, help="deltas per turn, saturated (100)"
+    )
+    cmp.add_argument(
+        "--handshake-delay-ms",
+        type=nn_float,
+        default=150.0,
+        help="simulated upstream handshake for the first-turn figure (150)",
+    )
+    cmp.add_argument("--first-turns", type=nn_int, default=10, help="new sockets per target (10)")
+    cmp.add_argument(
+        "--first-turn-pause-ms", type=nn_float, default=300.0, help="pause between them (300)"
+    )
+    cmp.add_argument(
+        "--pool-warmup-s",
+        type=nn_float,
+        default=1.0,
+        help="wait after the first-turn gateway starts, for a warm pool to fill (1.0)",
+    )
+    cmp.add_argument(
+        "--gateway-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the gateways started (repeatable)",
+    )
+    cmp.add_argument(
+        "--no-team-limits",
+        dest="team_limits",
+        action="store_false",
+        help="bench team without socket caps and rate limit (their checks then cost nothing)",
+    )
+    cmp.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="after measuring, profile the gateway with py-spy under load (collapsed stacks "
+        "into FILE) and print its top costs",
+    )
+    cmp.add_argument(
+        "--profile-target",
+        choices=("gateway", "relay"),
+        default="gateway",
+        help="the process --profile samples (default gateway)",
+    )
+    cmp.add_argument(
+        "--profile-load",
+        choices=("saturated", "paced", "handshakes"),
+        default="saturated",
+        help="the load run while --profile samples (default saturated)",
+    )
+    cmp.add_argument(
+        "--profile-seconds", type=pos_float, default=10.0, help="how long py-spy samples (10)"
+    )
+    cmp.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="keep the processes' logs here (default: a temporary directory, removed)",
+    )
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    return Plan(
+        model=args.model,
+        sockets=args.sockets,
+        turns=args.turns,
+        deltas=args.deltas,
+        gap_ms=args.gap_ms,
+        concurrency=args.concurrency,
+        handshakes=args.handshakes,
+        idle_sockets=args.idle_sockets,
+        timeout=args.timeout,
+        rounds=args.rounds,
+        saturate_sockets=args.saturate_sockets,
+        saturate_turns=args.saturate_turns,
+        saturate_deltas=args.saturate_deltas,
+        handshake_delay_ms=args.handshake_delay_ms,
+        first_turns=args.first_turns,
+        first_turn_pause_ms=args.first_turn_pause_ms,
+        pool_warmup_s=args.pool_warmup_s,
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    print("gateway bench: not implemented yet")
-    return 1
+    plan = plan_from_args(args)
+    try:
+        if args.compare:
+            from app.bench.compare import CompareOptions, compare
+
+            options = CompareOptions(
+                gateway_env=dict(args.gateway_env),
+                team_limits=args.team_limits,
+                profile=args.profile,
+                profile_target=args.profile_target,
+                profile_load=args.profile_load,
+                profile_seconds=args.profile_seconds,
+                workdir=args.workdir,
+            )
+            asyncio.run(compare(plan, options))
+        else:
+            from app.bench.single import bench_one
+
+            if not args.key:
+                print("gateway bench: --key (or $GATEWAY_BENCH_KEY) is required", file=sys.stderr)
+                return 2
+            asyncio.run(bench_one(plan, args.url, args.key, args.gateway_pid))
+    except BenchError as exc:
+        print(f"gateway bench: {exc}", file=sys.stderr)
+        return 1
+    return 0
