@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, Literal
 
 import aiohttp
@@ -26,7 +25,7 @@ from app.node import NODE, Node
 from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object
 from app.routing import check_route
 from app.session import TERMINAL
-from app.usage import count_usage, usage_figures
+from app.usage import charge
 
 Transport = Literal["http", "compact"]
 
@@ -52,12 +51,10 @@ class HttpTurn:
         response: dict[str, Any] | None = None,
     ) -> None:
         accepted = error_code is None or status is not None
-        tokens = usage_figures(response.get("usage")) if response else None
-        cost: Decimal | None = None
-        price = self.node.view.view.catalog.get(self.model or "")
-        if tokens is not None and price is not None and self.model:
-            cost = price.cost(tokens[0], tokens[1], tokens[2])
-            count_usage(self.model, self.principal.team_id, tokens, cost)
+        usage = response.get("usage") if response else None
+        usage_fields = charge(
+            self.node.view.view.catalog, self.model, self.principal.team_id, usage
+        )
         duration = time.perf_counter() - self.started
         if accepted and self.model and status:
             metrics.RESPONSES_TOTAL.labels(model=self.model, status=status).inc()
@@ -78,11 +75,7 @@ class HttpTurn:
                 response_id=_str(response.get("id")) if response else None,
                 status=status,
                 previous_response_id=self.previous_response_id,
-                input_tokens=tokens[0] if tokens else None,
-                cached_tokens=tokens[1] if tokens else None,
-                output_tokens=tokens[2] if tokens else None,
-                reasoning_tokens=tokens[3] if tokens else None,
-                cost_usd=cost,
+                **usage_fields,
                 ttfe_ms=None if ttfe is None else ttfe * 1000,
                 duration_ms=duration * 1000,
             )

@@ -16,7 +16,6 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, Literal
 
 import aiohttp
@@ -38,7 +37,7 @@ from app.upstream import (
     open_upstream,
     stream_http,
 )
-from app.usage import count_usage, usage_figures
+from app.usage import charge
 
 log = logging.getLogger("gateway.session")
 
@@ -398,12 +397,7 @@ class Session:
         duration = time.perf_counter() - turn.started
         model = turn.frame.model
         usage = response.get("usage") if response else None
-        tokens = usage_figures(usage)
-        cost: Decimal | None = None
-        price = self.node.view.view.catalog.get(model)
-        if tokens is not None and price is not None:
-            cost = price.cost(tokens[0], tokens[1], tokens[2])
-            count_usage(model, self.principal.team_id, tokens, cost)
+        usage_fields = charge(self.node.view.view.catalog, model, self.principal.team_id, usage)
         metrics.RESPONSES_TOTAL.labels(model=model, status=status).inc()
         metrics.RESPONSE_DURATION.observe(duration)
         ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
@@ -436,11 +430,7 @@ class Session:
                 retried=turn.retried,
                 http_fallback=turn.http_fallback,
                 memory_bound_exceeded=turn.memory_bound_exceeded,
-                input_tokens=tokens[0] if tokens else None,
-                cached_tokens=tokens[1] if tokens else None,
-                output_tokens=tokens[2] if tokens else None,
-                reasoning_tokens=tokens[3] if tokens else None,
-                cost_usd=cost,
+                **usage_fields,
                 ttfe_ms=None if ttfe is None else ttfe * 1000,
                 duration_ms=duration * 1000,
             )

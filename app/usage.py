@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
+from typing import Any
 
 from app import metrics
+from app.models import Price
 
 Tokens = tuple[int, int, int, int]  # input, cached input, output, reasoning
 
@@ -36,3 +39,25 @@ def count_usage(model: str, team: str, tokens: Tokens, cost: Decimal) -> None:
             metrics.TOKENS_TOTAL.labels(model=model, kind=kind).inc(value)
     if cost > 0:
         metrics.COST_USD_TOTAL.labels(team=team).inc(float(cost))
+
+
+def charge(
+    catalog: Mapping[str, Price], model: str | None, team: str, usage: object
+) -> dict[str, Any]:
+    """A finished response's usage and cost, counted in the metrics; the ledger row's fields."""
+    tokens = usage_figures(usage)
+    if tokens is None:
+        return {}
+    fields: dict[str, Any] = dict(
+        zip(
+            ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens"),
+            tokens,
+            strict=True,
+        )
+    )
+    price = catalog.get(model) if model else None
+    if price is not None and model:
+        cost = price.cost(tokens[0], tokens[1], tokens[2])
+        count_usage(model, team, tokens, cost)
+        fields["cost_usd"] = cost
+    return fields
