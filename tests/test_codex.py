@@ -11,8 +11,11 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from conftest import Gateway, Sim, Tenant
 
 CODEX_VERSION = "0.169.0"
@@ -116,3 +119,42 @@ async def test_codex_exec_through_the_gateway(
     for request in requests:
         assert request["body"]["store"] is False
         assert request["body"]["model"] == "gpt-test"
+
+
+async def test_codex_falls_back_to_http_when_websockets_are_refused(
+    codex: Path, gateway: Gateway, tenant: Tenant, sim: Sim, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """A proxy in front of the gateway refuses the upgrade (426, as a WebSocket-less proxy or
+    the gateway's own 426 does) and passes POSTs through: Codex switches to HTTP for the session."""
+    upgrades = 0
+
+    async def front(request: web.Request) -> web.StreamResponse:
+        nonlocal upgrades
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            upgrades += 1
+            return web.Response(status=426, headers={"Upgrade": "websocket"})
+        async with aiohttp.ClientSession() as http:
+            async with http.request(
+                request.method,
+                gateway.url(request.path),
+                data=await request.read(),
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+            ) as upstream:
+                resp = web.StreamResponse(status=upstream.status)
+                resp.content_type = upstream.content_type
+                await resp.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", front)
+    proxy = await aiohttp_server(app)
+    home = tmp_path / "codex-home"
+    write_config(home, str(proxy.make_url("/v1")), websockets=True)
+    out = await run_codex(codex, home, tenant.key, tmp_path, "fallback please")
+    assert "echo: fallback please" in out
+    assert upgrades >= 1
+    requests = await sim.requests()
+    assert requests and all(r["conn"] is None for r in requests)  # all served over HTTP
