@@ -408,3 +408,13 @@ async def test_client_that_stops_reading_is_closed_1008(gateway: Gateway, connec
         assert ws.close_code == 1008
     await wait_for(lambda: closes._value.get() == before + 1)
     await wait_for(lambda: not gateway.node.sessions)
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_HTTP_FALLBACK": False}])
+async def test_http_fallback_can_be_turned_off(connect: Connect, sim: Sim) -> None:
+    async with connect() as ws:
+        events = await turn(ws, temperature=1.2)
+        details = closed_details(events[-1])
+        assert (details["upstream_close_code"], details["upstream_close_reason"]) == (1000, "")
+        await assert_usable(ws)
+    assert all(r["conn"] is not None for r in await sim.requests())
