@@ -34,14 +34,15 @@ async def authenticate(node: Node, request: web.Request) -> tuple[Principal, Api
     secret = bearer(request)
     if secret is None:
         raise GatewayError(Code.INVALID_API_KEY, "Missing API key: send Authorization: Bearer.")
-    found = await node.store.lookup_secret(secret)
+    found, version = await node.store.lookup_secret_versioned(secret)
     if found is None:
         raise GatewayError(Code.INVALID_API_KEY)
     key, digest = found
     status = secret_status(key, digest, datetime.now(UTC))
     if status is not None:
         raise GatewayError(status)
-    await node.view.load()  # at least as fresh as this handshake
+    if version != node.view.view.version:
+        await node.view.load()  # at least as fresh as this handshake
     team = node.view.view.teams.get(key.team_id)
     if team is None or not team.active:
         raise GatewayError(Code.TEAM_DISABLED)

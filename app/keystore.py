@@ -71,10 +71,13 @@ redis.call('PEXPIRE', KEYS[1], 61000)
 return 1
 """
 # One round trip from a secret's hash to its key record.
+# One round trip from a secret's hash to its key record, with the store's version, so a
+# handshake refreshes the node's view only when something changed. KEYS: secret, version.
 _LOOKUP = """
+local version = redis.call('GET', KEYS[2]) or '0'
 local id = redis.call('GET', KEYS[1])
-if not id then return false end
-return redis.call('GET', ARGV[1] .. id)
+if not id then return {false, version} end
+return {redis.call('GET', ARGV[1] .. id), version}
 """
 
 
@@ -190,11 +193,19 @@ class KeyStore:
         return {_s(m): Price.model_validate_json(p) for m, p in raw.items()}
 
     async def lookup_secret(self, secret: str) -> tuple[ApiKey, str] | None:
+        found, _version = await self.lookup_secret_versioned(secret)
+        return found
+
+    async def lookup_secret_versioned(self, secret: str) -> tuple[tuple[ApiKey, str] | None, int]:
+        """The key of a secret (and the secret's hash), and the store's version."""
         digest = hash_secret(secret)
-        raw = await self._call(
-            self._lookup(keys=[self.k("secret", digest)], args=[self.k("key", "")])
+        raw, version = await self._call(
+            self._lookup(
+                keys=[self.k("secret", digest), self.k("version")], args=[self.k("key", "")]
+            )
         )
-        return (ApiKey.model_validate_json(raw), digest) if raw else None
+        found = (ApiKey.model_validate_json(raw), digest) if raw else None
+        return found, int(version)
 
     # -- writes (admin) ----------------------------------------------------------------------
 

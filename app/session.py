@@ -149,6 +149,8 @@ class Session:
         self._last_upstream_frame = time.monotonic()
         self._close_after_turn: int | None = None
         self._transport: asyncio.WriteTransport | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._silence: asyncio.Task[None] | None = None
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -340,6 +342,7 @@ class Session:
         turn.sent_previous_id = body.get("previous_response_id")
         turn.sent_input = as_items(body.get("input")) or []
         self._last_upstream_frame = time.monotonic()
+        self._arm_watchdog()
         try:
             await conn.send(body)
         except (ConnectionError, RuntimeError, aiohttp.ClientError):
@@ -438,23 +441,34 @@ class Session:
 
     # -- the upstream side (hot path) -----------------------------------------------------------
 
-    async def _read_upstream(self, conn: UpstreamConn) -> None:
+    def _arm_watchdog(self) -> None:
+        """One timer per idle period, not one per frame (a timer per frame cost 20% of the
+        hot path under load): it re-arms itself until the upstream has been silent too long."""
+        if self._watchdog is None:
+            idle = self.node.settings.upstream_idle_seconds
+            self._watchdog = asyncio.get_running_loop().call_later(idle, self._watchdog_fired)
+
+    def _watchdog_fired(self) -> None:
+        self._watchdog = None
+        turn = self.turn
+        if turn is None or turn.conn is None or self.state is not State.IN_FLIGHT:
+            return
         idle = self.node.settings.upstream_idle_seconds
+        silent = time.monotonic() - self._last_upstream_frame
+        if silent < idle:
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(idle - silent, self._watchdog_fired)
+            return
+        reason = f"upstream silent for {idle:g} s"
+        self._silence = asyncio.create_task(
+            self._upstream_lost(turn.conn, 1006, reason, abort=True), name=f"silent-{self.id}"
+        )
+
+    async def _read_upstream(self, conn: UpstreamConn) -> None:
         ws = conn.ws
         while True:
-            timeout = idle
-            if self.turn is not None:
-                timeout = idle - (time.monotonic() - self._last_upstream_frame)
             try:
-                msg = await ws.receive(timeout=max(timeout, 0.001))
-            except TimeoutError:
-                if self.turn is not None and self.turn.conn is conn:
-                    if time.monotonic() - self._last_upstream_frame >= idle:
-                        await self._upstream_lost(
-                            conn, 1006, f"upstream silent for {idle:g} s", abort=True
-                        )
-                        return
-                continue
+                msg = await ws.receive()
             except (ConnectionError, aiohttp.ClientError, RuntimeError):
                 await self._upstream_lost(conn, 1006, "upstream connection dropped")
                 return
@@ -713,6 +727,8 @@ class Session:
         if self.state is not State.CLOSING and self.state is not State.CLOSED:
             self._transition(State.CLOSING)
         self._abort_turn("cancelled")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._upstream_reader is not None:
             self._upstream_reader.cancel()
         conn, self.upstream = self.upstream, None
