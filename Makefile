@@ -15,7 +15,7 @@ help:
 	@echo "make test   lint + the test suite (what CI runs via .ci/run)"
 	@echo "make lint   ruff check, ruff format --check, mypy --strict app"
 	@echo "make fmt    ruff format + ruff check --fix"
-	@echo "make bench  gateway bench"
+	@echo "make bench  gateway bench --compare (simulator, bare relay, gateway)"
 	@echo "make deps   install redis-server / postgresql from Debian packages if missing"
 	@echo "make venv   create .venv and pip install -e '.[dev]' when pyproject.toml changed"
 
@@ -53,4 +53,4 @@ fmt: venv
 
 .PHONY: bench
 bench: deps venv
-	$(BIN)/gateway bench
+	$(BIN)/gateway bench --compare
