@@ -246,6 +246,11 @@ class Session:
     ) -> None:
         """An error frame for a refused frame; the socket stays open (or closes, per the code)."""
         metrics.count_error(err.code)
+        self._record(model=model, received_at=now_utc(), accepted=False, error_code=str(err.code))
+        await self._send_error(err, stream_id)
+
+    def _record(self, **fields: Any) -> None:
+        """One ledger row for a `response.create` received on this socket."""
         self.node.ledger.record(
             TurnRecord(
                 socket_id=self.id,
@@ -254,13 +259,9 @@ class Session:
                 key_prefix=self.principal.key_prefix,
                 team_id=self.principal.team_id,
                 transport="ws",
-                model=model,
-                received_at=now_utc(),
-                accepted=False,
-                error_code=str(err.code),
+                **fields,
             )
         )
-        await self._send_error(err, stream_id)
 
     async def _send_error(self, err: GatewayError, stream_id: Any = None) -> None:
         await self._send(err.ws_frame(stream_id))
@@ -415,28 +416,19 @@ class Session:
                 "duration_ms": round(duration * 1000, 1),
             },
         )
-        self.node.ledger.record(
-            TurnRecord(
-                socket_id=self.id,
-                node=self.node.id,
-                key_id=self.principal.key_id,
-                key_prefix=self.principal.key_prefix,
-                team_id=self.principal.team_id,
-                transport="ws",
-                model=model,
-                received_at=turn.received_at,
-                accepted=True,
-                error_code=None,
-                response_id=turn.response_id,
-                status=status,
-                previous_response_id=turn.frame.previous_response_id,
-                retried=turn.retried,
-                http_fallback=turn.http_fallback,
-                memory_bound_exceeded=turn.memory_bound_exceeded,
-                **usage_fields,
-                ttfe_ms=None if ttfe is None else ttfe * 1000,
-                duration_ms=duration * 1000,
-            )
+        self._record(
+            model=model,
+            received_at=turn.received_at,
+            accepted=True,
+            response_id=turn.response_id,
+            status=status,
+            previous_response_id=turn.frame.previous_response_id,
+            retried=turn.retried,
+            http_fallback=turn.http_fallback,
+            memory_bound_exceeded=turn.memory_bound_exceeded,
+            **usage_fields,
+            ttfe_ms=None if ttfe is None else ttfe * 1000,
+            duration_ms=duration * 1000,
         )
 
     # -- the upstream side (hot path) -----------------------------------------------------------
