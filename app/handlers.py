@@ -85,7 +85,8 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
 async def _serve_socket(
     node: Node, request: web.Request, principal: Principal, socket_id: str, model: str | None
 ) -> web.StreamResponse:
-    ws = web.WebSocketResponse(max_msg_size=node.settings.max_frame_bytes, autoping=True)
+    # aiohttp refuses a payload of max_msg_size itself: + 1 lets a frame of exactly the limit in.
+    ws = web.WebSocketResponse(max_msg_size=node.settings.max_frame_bytes + 1, autoping=True)
     session = Session(node, ws, principal, socket_id, model)
     try:
         await ws.prepare(request)

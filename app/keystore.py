@@ -45,6 +45,7 @@ _T = TypeVar("_T")
 LEASE_MS = 45_000
 LEASE_REFRESH_SECONDS = 15.0
 VIEW_POLL_SECONDS = 0.25
+RATE_LIMIT_DEADLINE_SECONDS = 0.25
 SECRET_PREFIX = "sk-gw-"
 
 # Check both caps, then take both slots, atomically. KEYS: key slots, team slots.
@@ -296,10 +297,13 @@ class KeyStore:
             return True
         now = int(time.time() * 1000)
         try:
-            ok = await self._call(
-                self._rate(keys=[self.k("rl", key_id)], args=[now, limit, secrets.token_hex(6)])
-            )
-        except GatewayError:
+            # A hung Redis must not stall a customer's turn for the pool's retries (~6 s).
+            async with asyncio.timeout(RATE_LIMIT_DEADLINE_SECONDS):
+                ok = await self._call(
+                    self._rate(keys=[self.k("rl", key_id)], args=[now, limit, secrets.token_hex(6)])
+                )
+        except (GatewayError, TimeoutError):
+            metrics.REDIS_UP.set(0)
             return True
         return bool(ok)
 

@@ -13,8 +13,11 @@ import orjson
 
 from app.errors import Code, GatewayError
 
-MODEL_RE = re.compile(r"^openai/[^\s/]+$")
-BARE_MODEL_RE = re.compile(r"^[^\s/]+$")
+# No white space, slash or control character (a NUL would not even fit in the ledger).
+MODEL_RE = re.compile(r"^openai/[^\s/\x00-\x1f\x7f]+$")
+BARE_MODEL_RE = re.compile(r"^[^\s/\x00-\x1f\x7f]+$")
+# orjson parses 1024 levels but serializes only 254: a deeper frame could not go upstream.
+MAX_DEPTH = 254
 PROVIDER_PREFIX = "openai/"
 
 # Fields of OpenAI's `response.create` (openai-python's ResponsesClientEvent). A null in one of
@@ -148,7 +151,19 @@ def parse_json_object(data: str | bytes) -> dict[str, Any]:
         raise _invalid("Expected one JSON object; the frame is not valid JSON.") from None
     if not isinstance(value, dict):
         raise _invalid(f"Expected one JSON object, got {_type_name(value)}.")
+    if _may_be_deep(data):
+        try:
+            orjson.dumps(value)
+        except TypeError:
+            raise _invalid(f"The frame is nested deeper than {MAX_DEPTH} levels.") from None
     return value
+
+
+def _may_be_deep(data: str | bytes) -> bool:
+    """Cheap bound: fewer than MAX_DEPTH brackets cannot nest MAX_DEPTH deep."""
+    if isinstance(data, str):
+        return data.count("[") + data.count("{") > MAX_DEPTH
+    return data.count(b"[") + data.count(b"{") > MAX_DEPTH
 
 
 def flatten(frame: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +284,8 @@ def stream_id_of(data: str | bytes) -> Any:
     if not isinstance(value, dict):
         return None
     nested = value.get("response")
+    found = value.get("stream_id")
     if isinstance(nested, dict) and nested.get("stream_id") is not None:
-        return nested["stream_id"]
-    return value.get("stream_id")
+        found = nested["stream_id"]
+    # A lane name is a string; anything else is not echoed (it could not even be serialized).
+    return found if isinstance(found, str) else None

@@ -188,6 +188,9 @@ class Session:
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
+                    if self._too_large(msg.data):
+                        await self.close(1009, "frame larger than the limit")
+                        break
                     await self.on_text(msg.data)
                 elif msg.type == WSMsgType.ERROR:
                     # aiohttp closed it: 1009 too large, 1007 bad UTF-8
@@ -206,6 +209,12 @@ class Session:
             log.debug("client socket %s failed: %s", self.id, exc)
         finally:
             await self._finish()
+
+    def _too_large(self, data: str) -> bool:
+        """aiohttp lets a compressed frame of limit + 1 bytes through (it checks `>` there and
+        `>=` for plain frames), so the exact limit, after decompression, is checked here too."""
+        limit = self.node.settings.max_frame_bytes
+        return len(data) * 4 > limit and len(data.encode("utf-8", "surrogatepass")) > limit
 
     async def on_text(self, data: str) -> None:
         """Checks 1-8 of CONTRACT.md §3 in order, then the turn goes upstream (check 9)."""

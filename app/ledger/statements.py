@@ -139,7 +139,10 @@ def _json_default(value: Any) -> Any:
 
 def _json(rows: Sequence[Row]) -> str:
     # Naive datetimes are taken as UTC (the gateway's times are UTC; asyncpg would say local).
-    return orjson.dumps(list(rows), default=_json_default, option=orjson.OPT_NAIVE_UTC).decode()
+    text = orjson.dumps(list(rows), default=_json_default, option=orjson.OPT_NAIVE_UTC).decode()
+    # Postgres text and json cannot hold NUL (SQLSTATE 22P05); a client can send one in a string
+    # the ledger keeps (previous_response_id, a refused model). U+FFFD keeps the row.
+    return text.replace("\\u0000", "\\ufffd")
 
 
 def plan(rows: Sequence[Row]) -> list[Statement]:
