@@ -197,6 +197,9 @@ class Session:
                     self.closed_by = "gateway"
                     self._sent_close = self.ws.close_code
                 elif msg.type == WSMsgType.BINARY:
+                    if len(msg.data) > self.node.settings.max_frame_bytes:
+                        await self.close(1009, "frame larger than the limit")
+                        break
                     await self.refuse(
                         GatewayError(
                             Code.INVALID_RESPONSE_CREATE,

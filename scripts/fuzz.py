@@ -1,6 +1,6 @@
 """The long fuzz run (issue 7): hostile frames at one real socket, for N frames or S seconds.
 
-    .venv/bin/python scripts/fuzz.py [--frames N] [--seconds S] [--seed N] [--known-bugs]
+    .venv/bin/python scripts/fuzz.py [--frames N] [--seconds S] [--seed N]
     .venv/bin/python scripts/fuzz.py --url ws://HOST:PORT/v1/responses --key sk-gw-…
 
 The frames, the judging and the socket are those of `tests/test_fuzz.py` (its docstring says how
@@ -12,8 +12,7 @@ loop, no ERROR line is logged. With `--url` the key's team must route `openai/gp
 `openai/gpt-other`, and `--limit` must be the gateway's `GATEWAY_MAX_FRAME_BYTES`.
 
 Prints how many frames it tried, how many of each outcome and generator, and every failure;
-exits 1 when a frame broke a promise. `--known-bugs` also sends the frames of the known bugs
-(the strict-xfail tests in tests/test_fuzz.py), to see whether they are fixed.
+exits 1 when a frame broke a promise.
 """
 
 from __future__ import annotations
@@ -182,7 +181,7 @@ def generate(
 ) -> None:
     """Hypothesis generates in this thread, a few frames ahead of the prober on the loop."""
     end = time.monotonic() + args.seconds if args.seconds else None
-    strategy = frames(args.limit, known_bugs=args.known_bugs, oversized=True)
+    strategy = frames(args.limit, oversized=True)
     sent = 0
 
     @seed(args.seed)
@@ -259,7 +258,6 @@ def report(tally: Tally, args: argparse.Namespace, where: str, took: float, conn
     print(
         f"fuzz: {tally.frames} frames in {took:.1f} s ({rate:.0f}/s) against {where}, "
         f"limit {args.limit} B, seed {args.seed}"
-        + (", known bugs included" if args.known_bugs else "")
     )
     print(
         f"sockets opened: {connects}; frames over deflate sockets: {tally.deflate_frames}; "
@@ -284,7 +282,6 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
     parser.add_argument("--limit", type=int, default=LIMIT, help="GATEWAY_MAX_FRAME_BYTES")
-    parser.add_argument("--known-bugs", action="store_true", help="send the known bugs' frames")
     parser.add_argument("--url", help="a running gateway's WebSocket URL (default: in-process)")
     parser.add_argument("--key", help="a gateway key for --url")
     parser.add_argument("--show", type=int, default=20, help="failures printed in full")

@@ -31,10 +31,11 @@ import gc
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -54,7 +55,9 @@ RECEIVE_TIMEOUT = 20.0  # longer than the gateway's upstream idle timeout below
 class Tally:
     turns: int = 0
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
-    completed_ids: set[str] = field(default_factory=set)
+    # Response ids the clients saw completed, one a line: on disk, not in this process's RSS.
+    seen: IO[str] = field(default_factory=lambda: tempfile.TemporaryFile("w+"))
+    completed: int = 0
     connects: int = 0
     closes: collections.Counter[str] = field(default_factory=collections.Counter)
     problems: list[str] = field(default_factory=list)
@@ -205,7 +208,8 @@ class Client:
                 self.tally.outcomes[kind.removeprefix("response.")] += 1
             response_id = (event.get("response") or {}).get("id")
             if kind == "response.completed" and response_id:
-                self.tally.completed_ids.add(response_id)
+                self.tally.seen.write(response_id + "\n")
+                self.tally.completed += 1
                 self.last_id = response_id
             return True
 
@@ -285,21 +289,29 @@ async def sample_while(
 
 async def ledger_check(stack: Stack, tally: Tally) -> tuple[int, int, int, int]:
     """(found, missing, wrong status, socket rows not closed) for what the clients saw."""
+    tally.seen.seek(0)
+    seen = [(line.strip(),) for line in tally.seen if line.strip()]
     conn = await asyncpg.connect(stack.database_url)
     try:
-        rows = await conn.fetch(
-            "SELECT response_id, status FROM turns WHERE response_id = ANY($1)",
-            list(tally.completed_ids),
+        await conn.execute("CREATE TEMP TABLE seen (response_id text)")
+        await conn.copy_records_to_table("seen", records=seen)
+        found, missing, wrong = await conn.fetchrow(
+            """
+            SELECT count(t.response_id),
+                   count(*) FILTER (WHERE t.response_id IS NULL),
+                   count(*) FILTER (WHERE t.status IS DISTINCT FROM 'completed'
+                                      AND t.response_id IS NOT NULL)
+            FROM (SELECT DISTINCT response_id FROM seen) s
+            LEFT JOIN turns t USING (response_id)
+            """
         )
         open_sockets = await conn.fetchval("SELECT count(*) FROM sockets WHERE closed_at IS NULL")
         all_sockets = await conn.fetchval("SELECT count(*) FROM sockets")
     finally:
         await conn.close()
-    found = {r["response_id"] for r in rows}
-    wrong = sum(1 for r in rows if r["status"] != "completed")
     if all_sockets < tally.connects:
         tally.problems.append(f"{tally.connects} sockets opened, {all_sockets} in the ledger")
-    return len(found), len(tally.completed_ids - found), wrong, int(open_sockets)
+    return int(found), int(missing), int(wrong), int(open_sockets)
 
 
 async def soak(args: argparse.Namespace) -> int:
@@ -308,10 +320,11 @@ async def soak(args: argparse.Namespace) -> int:
         warm = Tally()
         await load(stack, args.sockets, args.warmup, warm)
         await settle(stack)
+        warm.seen.close()
+        tally = Tally()  # its file is open before the baseline is taken
         base_tasks, base_fds, base_rss = tasks(), fds(), rss_mb()
         base_sockets = socket_fds()
 
-        tally = Tally()
         samples: list[Sample] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_while(tally, samples, stop, args.sample_every))
@@ -343,7 +356,7 @@ async def soak(args: argparse.Namespace) -> int:
     for kind, count in tally.closes.most_common():
         print(f"  {count:7d}  {kind}")
     print(
-        f"ledger: {len(tally.completed_ids)} responses seen completed, {found} rows found, "
+        f"ledger: {tally.completed} responses seen completed, {found} rows found, "
         f"{missing} missing, {wrong} with another status; {open_rows} socket rows left open"
     )
     quarter = max(1, len(samples) // 4)
