@@ -959,7 +959,7 @@ def _padded_turn(size: int) -> Frame:
     return Frame(encode(head), note=f"padded: {size}")
 
 
-# -- regressions: what the fuzzer found (fixed in 516e4b0) ---------------------------------------
+# -- regressions: what the fuzzer found (fixed in 516e4b0 and b5a7cc4) ----------------------------
 
 
 @pytest.mark.parametrize("where", ["input", "tools", "x_unknown"])
