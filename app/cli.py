@@ -57,6 +57,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> None:
     from aiohttp import web
 
     from app import metrics
+    from app.listener import GatewayRunner
     from app.node import NODE
     from app.server import create_app, drain
 
@@ -66,7 +67,9 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start-up: a stop then still drains
         loop.add_signal_handler(sig, stop.set)
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = GatewayRunner(
+        app, handshake_seconds=settings.handshake_seconds, handle_signals=False, access_log=None
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker or None)
     await site.start()
@@ -141,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from app.supervisor import run_workers
 
                 return run_workers(settings, args.workers)
-            asyncio.run(_serve(settings, args))
+            from app import eventloop
+
+            eventloop.run(_serve(settings, args), settings.event_loop)
         elif args.command == "simulate":
             from app.simulator import options_from_args, run_simulator
 

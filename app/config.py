@@ -60,9 +60,31 @@ class Settings(RedisSettings, DatabaseSettings):
         default=10, alias="GATEWAY_UPSTREAM_HANDSHAKE_SECONDS", gt=0
     )
     upstream_idle_seconds: float = Field(default=300, alias="GATEWAY_UPSTREAM_IDLE_SECONDS", gt=0)
+    # Warm upstream sockets per credential (app/pool.py). Off by default: CONTRACT.md §3 has the
+    # upstream socket opened on the first accepted turn, and idle sockets held on an OpenAI
+    # account are the operator's call. When on, 1-2 is enough unless new sockets arrive in bursts.
+    upstream_pool_size: int = Field(default=0, alias="GATEWAY_UPSTREAM_POOL_SIZE", ge=0)
+    # A pooled socket this old is replaced (capped at half of GATEWAY_UPSTREAM_MAX_AGE_SECONDS, so
+    # a customer always gets most of an upstream socket's life).
+    upstream_pool_refresh_seconds: float = Field(
+        default=600, alias="GATEWAY_UPSTREAM_POOL_REFRESH_SECONDS", gt=0
+    )
     upstream_max_frame_bytes: int = Field(
         default=256 * MIB, alias="GATEWAY_UPSTREAM_MAX_FRAME_BYTES", gt=0
     )
+    # A connection that has not finished its first request's headers by then is closed
+    # (slowloris); 0: no limit. Later requests on a keep-alive connection: app/listener.py.
+    handshake_seconds: float = Field(default=10, alias="GATEWAY_HANDSHAKE_SECONDS", ge=0)
+    # Failed authentications (401) per client address per minute, counted in this process; past
+    # it the address gets 429 before its key is looked up (app/guard.py). 0: no limit.
+    auth_failures_per_minute: int = Field(
+        default=60, alias="GATEWAY_AUTH_FAILURES_PER_MINUTE", ge=0
+    )
+    # Count failures by the right-most X-Forwarded-For entry (set it only behind a proxy that
+    # appends it; otherwise a client could name any address).
+    trust_forwarded_for: bool = Field(default=False, alias="GATEWAY_TRUST_FORWARDED_FOR")
+    # Refuse /admin/v1/ with 403 unless the request came through a TLS-terminating proxy.
+    admin_require_tls_proxy: bool = Field(default=False, alias="GATEWAY_ADMIN_REQUIRE_TLS_PROXY")
     # Bytes waiting to go to one client; past it the client is not reading: closed with 1008.
     max_pending_bytes: int = Field(default=32 * MIB, alias="GATEWAY_MAX_PENDING_BYTES", gt=0)
     http_fallback: bool = Field(default=True, alias="GATEWAY_HTTP_FALLBACK")
@@ -71,6 +93,10 @@ class Settings(RedisSettings, DatabaseSettings):
     node_id: str | None = Field(default=None, alias="GATEWAY_NODE_ID")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", alias="GATEWAY_LOG_LEVEL"
+    )
+    # auto: uvloop when installed (app/eventloop.py), else asyncio's own loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", alias="GATEWAY_EVENT_LOOP"
     )
 
     @field_validator("openai_base_url")

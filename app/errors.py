@@ -60,6 +60,7 @@ class Code(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INVALID_REQUEST = "invalid_request"
     INVALID_ADMIN_TOKEN = "invalid_admin_token"
+    ADMIN_TLS_REQUIRED = "admin_tls_required"
 
 
 SPECS: dict[Code, Spec] = {
@@ -93,11 +94,19 @@ SPECS: dict[Code, Spec] = {
     Code.METHOD_NOT_ALLOWED: Spec(405, "Method not allowed."),
     Code.INVALID_REQUEST: Spec(400, "Invalid request."),
     Code.INVALID_ADMIN_TOKEN: Spec(401, "Missing or invalid admin token."),
+    Code.ADMIN_TLS_REQUIRED: Spec(
+        403,
+        "The admin API is served only over HTTPS through the TLS proxy "
+        "(X-Forwarded-Proto: https or Forwarded: proto=https).",
+    ),
 }
 
 
 class GatewayError(Exception):
-    """A refusal with a code from the closed set; `message` overrides the default text."""
+    """A refusal with a code from the closed set; `message` overrides the default text.
+
+    `headers` go on the HTTP answer (`Retry-After`); a WebSocket frame has none.
+    """
 
     def __init__(
         self,
@@ -106,8 +115,10 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.code = code
+        self.headers = headers
         self.spec = SPECS[code]
         self.message = message or self.spec.message
         self.param = param

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
 from app.errors import Code, GatewayError
+from app.guard import AUTH_GUARD
 from app.http import error_response
 from app.keystore import Principal, secret_status
 from app.models import ApiKey, Team
@@ -29,23 +30,46 @@ def bearer(request: web.Request) -> str | None:
     return token.strip()
 
 
-async def authenticate(node: Node, request: web.Request) -> tuple[Principal, ApiKey, Team]:
-    """The gateway key of a request, or the refusal (401/403/503) it gets."""
+async def authenticate(
+    node: Node, request: web.Request, *, fresh: bool = False
+) -> tuple[Principal, ApiKey, Team]:
+    """The gateway key of a request, or the refusal (401/403/429/503) it gets.
+
+    An address out of failed authentications gets 429 before its key is looked up (no Redis
+    round trip: the refusal costs nothing and works while Redis is away); a 401 counts against
+    it (app/guard.py). `fresh`: ask Redis even for a secret this node has seen
+    (NodeView.lookup_secret).
+    """
+    guard = request.app[AUTH_GUARD]
+    address = guard.admit(request)
+    try:
+        return await _lookup_key(node, request, fresh)
+    except GatewayError as err:
+        guard.charge(address, err)
+        raise
+
+
+async def _lookup_key(
+    node: Node, request: web.Request, fresh: bool
+) -> tuple[Principal, ApiKey, Team]:
     secret = bearer(request)
     if secret is None:
         raise GatewayError(Code.INVALID_API_KEY, "Missing API key: send Authorization: Bearer.")
-    found, version = await node.store.lookup_secret_versioned(secret)
+    found, version = await node.view.lookup_secret(secret, fresh=fresh)
     if found is None:
         raise GatewayError(Code.INVALID_API_KEY)
     key, digest = found
     status = secret_status(key, digest, datetime.now(UTC))
-    if status is not None:
-        raise GatewayError(status)
     if version != node.view.view.version:
         await node.view.load()  # at least as fresh as this handshake
     team = node.view.view.teams.get(key.team_id)
-    if team is None or not team.active:
-        raise GatewayError(Code.TEAM_DISABLED)
+    if status is None and (team is None or not team.active):
+        status = Code.TEAM_DISABLED
+    if status is not None:
+        if not fresh:  # a refusal is never made on a cached reading alone
+            return await _lookup_key(node, request, True)
+        raise GatewayError(status)
+    assert team is not None
     node.key_cache[key.id] = key
     principal = Principal(key_id=key.id, key_prefix=key.prefix, team_id=team.id, secret_hash=digest)
     return principal, key, team
@@ -71,33 +95,38 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
         model = request.query.get("model") or None
         if model is not None:
             model = normalize_query_model(model)
-        socket_id = new_socket_id()
+        # aiohttp refuses a payload of max_msg_size itself: + 1 lets a frame of exactly the
+        # limit in.
+        ws = web.WebSocketResponse(max_msg_size=node.settings.max_frame_bytes + 1, autoping=True)
+        session = Session(node, ws, principal, new_socket_id(), model)
         limits = team.limits
-        if not await node.store.acquire_socket(
-            principal, socket_id, limits.sockets_per_key, limits.sockets_per_team
-        ):
+        taken, version = await node.store.acquire_socket(
+            principal, session.id, limits.sockets_per_key, limits.sockets_per_team, session.info()
+        )
+        if version != node.view.view.version:
+            # An admin write since this node's view (its cached secret included): check again,
+            # as fresh as this handshake.
+            try:
+                await authenticate(node, request, fresh=True)
+            except GatewayError:
+                if taken:
+                    await node.store.release_socket(principal, session.id)
+                raise
+        if not taken:
             raise GatewayError(Code.TOO_MANY_CONNECTIONS)
     except GatewayError as err:
         return _refuse(err)
-    return await _serve_socket(node, request, principal, socket_id, model)
+    return await _serve_socket(node, request, session)
 
 
-async def _serve_socket(
-    node: Node, request: web.Request, principal: Principal, socket_id: str, model: str | None
-) -> web.StreamResponse:
-    # aiohttp refuses a payload of max_msg_size itself: + 1 lets a frame of exactly the limit in.
-    ws = web.WebSocketResponse(max_msg_size=node.settings.max_frame_bytes + 1, autoping=True)
-    session = Session(node, ws, principal, socket_id, model)
+async def _serve_socket(node: Node, request: web.Request, session: Session) -> web.StreamResponse:
+    ws, principal, socket_id = session.ws, session.principal, session.id
     try:
         await ws.prepare(request)
         session.watch_outbound(request.transport)
         node.add_session(session)
-        metrics.WS_CONNECTIONS_TOTAL.labels(outcome="accepted").inc()
+        metrics.ACCEPTED.inc()
         metrics.WS_CONNECTIONS_ACTIVE.inc()
-        try:
-            await node.store.register_session(principal, socket_id, session.info())
-        except GatewayError:
-            pass  # the lease refresher registers it once Redis answers
         log.info(
             "socket open",
             extra={"socket_id": socket_id, "key_prefix": principal.key_prefix},

@@ -15,6 +15,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+    if err.headers:
+        headers = {**err.headers, **(headers or {})}
     return web.Response(
         status=err.status,
         body=err.http_body(),

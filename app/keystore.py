@@ -20,7 +20,9 @@ slot); rate-limit windows likewise. Redis errors become `GatewayError(service_un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -33,7 +35,9 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from app import metrics
 from app.errors import Code, GatewayError
@@ -46,30 +50,86 @@ LEASE_MS = 45_000
 LEASE_REFRESH_SECONDS = 15.0
 VIEW_POLL_SECONDS = 0.25
 RATE_LIMIT_DEADLINE_SECONDS = 0.25
+# A handshake, `/readyz` or a view refresh waits this long for Redis, then answers 503: without
+# it a hung Redis held them for the pool's timeouts and retries (about 6 s).
+HANDSHAKE_DEADLINE_SECONDS = 1.0
+# Spares: a turn that asks Redis also takes up to RATE_SPARES slots of its key's window (a 20th
+# of the limit at most, and only while the window stays under RATE_SPARE_FILL of the limit);
+# the node's next turns of that key use them without a round trip. Unused after
+# RATE_SPARE_SECONDS they are given back. Spares are counted in Redis when taken, so every
+# node together never accepts more than the limit.
+RATE_SPARES = 32
+# Closed sockets' slots are given back together, this long after the first of them closed (a
+# handshake refused for a cap first gives back this node's waiting ones and asks again).
+RELEASE_BATCH_SECONDS = 0.05
+RATE_SPARE_FILL = 0.5
+RATE_SPARE_SECONDS = 0.5
+# Secrets this node has looked up, reused while the store's version has not moved (NodeView).
+SECRET_CACHE_SIZE = 10_000
+SECRET_CACHE_FRESH_SECONDS = 1.0
 SECRET_PREFIX = "sk-gw-"
 
-# Check both caps, then take both slots, atomically. KEYS: key slots, team slots.
-# ARGV: now_ms, lease_deadline_ms, socket_id, key_cap, team_cap (0 = unlimited).
+# Check both caps, then take both slots and register the session, atomically and in the
+# handshake's one round trip; with the store's version, so a handshake that used a cached secret
+# learns whether anything changed since. KEYS: key slots, team slots, sessions, session record,
+# version. ARGV: now_ms, lease_deadline_ms, socket_id, key_cap, team_cap (0 = unlimited), record.
+# Returns {1 or 0 (taken), version}.
 _ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local version = redis.call('GET', KEYS[5]) or '0'
 local kcap = tonumber(ARGV[4])
 local tcap = tonumber(ARGV[5])
-if kcap > 0 and redis.call('ZCARD', KEYS[1]) >= kcap then return 0 end
-if tcap > 0 and redis.call('ZCARD', KEYS[2]) >= tcap then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], 60000)
-redis.call('PEXPIRE', KEYS[2], 60000)
-return 1
+if kcap > 0 or tcap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+  if kcap > 0 and redis.call('ZCARD', KEYS[1]) >= kcap then return {0, version} end
+  if tcap > 0 and redis.call('ZCARD', KEYS[2]) >= tcap then return {0, version} end
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], 60000)
+  redis.call('PEXPIRE', KEYS[2], 60000)
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[2] - ARGV[1])
+return {1, version}
 """
-# Sliding 60 s window. KEYS: window. ARGV: now_ms, limit, member.
+# Sockets' ends: their slots and session records go, several sockets in one call (`_Releases`).
+# KEYS: sessions, then for socket i its key slots, team slots and session record.
+# ARGV: the socket ids.
+_RELEASE = """
+for i = 1, #ARGV do
+  local base = 3 * (i - 1) + 1
+  redis.call('ZREM', KEYS[base + 1], ARGV[i])
+  redis.call('ZREM', KEYS[base + 2], ARGV[i])
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('DEL', KEYS[base + 3])
+end
+return #ARGV
+"""
+# Sliding 60 s window. KEYS: window. ARGV: now_ms, limit, member, spares wanted, the window size
+# spares may fill it up to, then members to remove first (this node's unused spares). Returns
+# {1 or 0 (accepted), spares taken}: turns this node may accept later without asking, already
+# counted in the window as `member:1`, `member:2`, … (RateLimiter).
 _RATE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - 60000)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local want = tonumber(ARGV[4])
+local fill = tonumber(ARGV[5])
+for i = 6, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+local size = redis.call('ZCARD', KEYS[1])
+if size >= limit then return {0, 0} end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+size = size + 1
+local got = 0
+while got < want and size < fill do
+  got = got + 1
+  size = size + 1
+  redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. got)
+end
 redis.call('PEXPIRE', KEYS[1], 61000)
-return 1
+return {1, got}
 """
 # One round trip from a secret's hash to its key record.
 # One round trip from a secret's hash to its key record, with the store's version, so a
@@ -103,47 +163,165 @@ class Principal:
 
 
 def secret_status(key: ApiKey, secret_hash: str, now: datetime) -> Code | None:
-    """None when the secret is usable now, else the refusal code."""
+    """None when the secret is usable now, else the refusal code (hashes compared in constant
+    time)."""
     if key.revoked_at is not None:
         return Code.API_KEY_REVOKED
     if key.expires_at is not None and key.expires_at <= now:
         return Code.API_KEY_EXPIRED
-    if secret_hash == key.secret_hash:
+    if hmac.compare_digest(secret_hash, key.secret_hash):
         return None
     for old in key.old_secrets:
-        if old.hash == secret_hash:
+        if hmac.compare_digest(old.hash, secret_hash):
             return None if old.until > now else Code.API_KEY_EXPIRED
     return Code.INVALID_API_KEY
+
+
+class _Spares:
+    """Slots of one key's rate-limit window this node took ahead of its turns."""
+
+    __slots__ = ("members", "taken_at")
+
+    def __init__(self, members: list[str], taken_at: float) -> None:
+        self.members = members  # their names in the window's sorted set
+        self.taken_at = taken_at  # time.monotonic()
+
+
+class _Batcher:
+    """Script calls made in one turn of the event loop, sent to Redis as one pipeline.
+
+    redis-py's asyncio client spends about 150-300 µs of CPU per command (a pool checkout with
+    its lock and timer, a liveness read on the socket, retry wrappers); in a pipeline most of
+    that is paid once per batch. Handshakes arrive in bursts, so their slot calls and the
+    sockets' releases share round trips: about a quarter of the CPU per call at 64 in flight.
+    Scripts are called by their SHA (EVALSHA) without redis-py's per-pipeline SCRIPT EXISTS; a
+    Redis that lost them (a restart) answers NOSCRIPT, and they are loaded and the batch's
+    refused calls sent again, once.
+    """
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((script, keys, args, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._flush)  # after the callbacks already due in this turn
+        return future
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.create_task(self._send(batch), name="redis-batch")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(
+        self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            results = await self._execute(batch)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                for script in {id(batch[i][0]): batch[i][0] for i in missing}.values():
+                    script.sha = await self._redis.script_load(script.script)
+                again = await self._execute([batch[i] for i in missing])
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
+        except Exception as exc:  # the connection failed: every call of the batch did
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller gave up waiting (a deadline, a cancelled handshake)
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(
+        self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script, keys, args, _future in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
 
 
 class KeyStore:
     def __init__(self, redis_url: str, prefix: str, *, pool_size: int = 64) -> None:
         self.prefix = prefix
+        # A hung Redis answers nothing: each call gives up after HANDSHAKE_DEADLINE_SECONDS (the
+        # client's own read timeout, not retried; an `asyncio.timeout` around every call cost
+        # the handshake path 6%), so /readyz gets its 503 in about 1 s and a handshake in about
+        # 2 (tests/test_faults_live.py). Refused or reset connections are retried with backoff
+        # (a Redis restart).
         pool = aioredis.BlockingConnectionPool.from_url(
             redis_url,
             max_connections=pool_size,
-            timeout=2.0,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-            retry_on_timeout=True,
+            timeout=HANDSHAKE_DEADLINE_SECONDS,
+            socket_timeout=HANDSHAKE_DEADLINE_SECONDS,
+            socket_connect_timeout=HANDSHAKE_DEADLINE_SECONDS,
+            # Only refused or reset connections: redis-py retries its TimeoutError by default.
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(RedisConnectionError,)
+            ),
+            retry_on_timeout=False,
             health_check_interval=30,
         )
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._rate = self.redis.register_script(_RATE)
         self._lookup = self.redis.register_script(_LOOKUP)
+        self._release = self.redis.register_script(_RELEASE)
+        self._batch = _Batcher(self.redis)
+        self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
+        self._releaser: asyncio.Task[None] | None = None
+        # Admin writes made through this store: a node's cached secrets are stale after one.
+        self.writes = 0
+        self._spares: dict[str, _Spares] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
     async def close(self) -> None:
+        sweeper = self._sweeper
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        with contextlib.suppress(GatewayError):
+            await self._give_back(list(self._spares))
+        releaser = self._releaser
+        if releaser is not None:
+            releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await releaser
+        with contextlib.suppress(GatewayError):
+            await self.flush_releases()
+        await self._batch.close()
         await self.redis.aclose()
 
-    async def _call(self, op: Awaitable[_T]) -> _T:
+    async def _call(self, op: Awaitable[_T], deadline: float | None = None) -> _T:
+        """`op`'s result; Redis' errors become 503 `service_unavailable`. `deadline`: a shorter
+        wait than the client's own timeouts (the rate limit's)."""
         try:
-            result = await op
-        except (RedisError, OSError) as exc:
+            if deadline is None:
+                result = await op
+            else:
+                async with asyncio.timeout(deadline):
+                    result = await op
+        except (RedisError, OSError, TimeoutError) as exc:
             metrics.REDIS_UP.set(0)
             raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
         metrics.REDIS_UP.set(1)
@@ -200,17 +378,22 @@ class KeyStore:
     async def lookup_secret_versioned(self, secret: str) -> tuple[tuple[ApiKey, str] | None, int]:
         """The key of a secret (and the secret's hash), and the store's version."""
         digest = hash_secret(secret)
+        key, version = await self.lookup_digest(digest)
+        return (None if key is None else (key, digest)), version
+
+    async def lookup_digest(self, digest: str) -> tuple[ApiKey | None, int]:
+        """The key whose secret hashes to `digest`, and the store's version."""
         raw, version = await self._call(
-            self._lookup(
-                keys=[self.k("secret", digest), self.k("version")], args=[self.k("key", "")]
-            )
+            self._batch.call(
+                self._lookup, [self.k("secret", digest), self.k("version")], [self.k("key", "")]
+            ),
         )
-        found = (ApiKey.model_validate_json(raw), digest) if raw else None
-        return found, int(version)
+        return (ApiKey.model_validate_json(raw) if raw else None), int(version)
 
     # -- writes (admin) ----------------------------------------------------------------------
 
     async def _bump(self, pipe: Any) -> None:
+        self.writes += 1
         pipe.incr(self.k("version"))
 
     async def put_team(self, team: Team) -> bool:
@@ -279,42 +462,102 @@ class KeyStore:
     # -- limits ------------------------------------------------------------------------------
 
     async def acquire_socket(
-        self, principal: Principal, socket_id: str, key_cap: int, team_cap: int
-    ) -> bool:
-        if not key_cap and not team_cap:
-            return True
+        self,
+        principal: Principal,
+        socket_id: str,
+        key_cap: int,
+        team_cap: int,
+        info: dict[str, Any],
+    ) -> tuple[bool, int]:
+        """Take the socket's slots (when capped) and register its session record: one round
+        trip, the handshake's only one when its secret is cached (NodeView.lookup_secret).
+        Also the store's version, for the handshake to check that nothing moved since."""
         now = int(time.time() * 1000)
         keys = [
             self.k("slots", "key", principal.key_id),
             self.k("slots", "team", principal.team_id),
+            self.k("sessions"),
+            self.k("session", socket_id),
+            self.k("version"),
         ]
-        args: list[str | int] = [now, now + LEASE_MS, socket_id, key_cap, team_cap]
-        return bool(await self._call(self._acquire(keys=keys, args=args)))
+        args: list[str | int | bytes] = [
+            now,
+            now + LEASE_MS,
+            socket_id,
+            key_cap,
+            team_cap,
+            orjson.dumps(info),
+        ]
+        taken, version = await self._call(self._batch.call(self._acquire, keys, args))
+        if not taken and self._releases:
+            # Slots this node has not given back yet may be what is in the way.
+            await self.flush_releases()
+            taken, version = await self._call(self._batch.call(self._acquire, keys, args))
+        return bool(taken), int(version)
 
     async def allow_response(self, key_id: str, limit: int) -> bool:
-        """Sliding-window rate limit; fails open while Redis is away (CONTRACT.md §4)."""
+        """Sliding-window rate limit; fails open while Redis is away (CONTRACT.md §4).
+
+        A turn asks Redis unless this node holds a spare slot of the key's window (`_RATE`):
+        a busy key's turns then cost one round trip per few dozen, not one each, and wait for
+        none. Spares are taken only while the window is under half the limit, so near the limit
+        every turn is decided by Redis, as every node sees the window.
+        """
         if limit <= 0:
             return True
-        now = int(time.time() * 1000)
+        now = time.monotonic()
+        spares = self._spares.get(key_id)
+        if spares is not None:
+            if spares.members and now - spares.taken_at < RATE_SPARE_SECONDS:
+                spares.members.pop()
+                return True
+            del self._spares[key_id]
+        member = secrets.token_hex(8)
+        args: list[str | int] = [
+            int(time.time() * 1000),
+            limit,
+            member,
+            min(limit // 20, RATE_SPARES),
+            int(limit * RATE_SPARE_FILL),
+            *(spares.members if spares is not None else ()),
+        ]
         try:
             # A hung Redis must not stall a customer's turn for the pool's retries (~6 s).
-            async with asyncio.timeout(RATE_LIMIT_DEADLINE_SECONDS):
-                ok = await self._call(
-                    self._rate(keys=[self.k("rl", key_id)], args=[now, limit, secrets.token_hex(6)])
-                )
-        except (GatewayError, TimeoutError):
-            metrics.REDIS_UP.set(0)
+            ok, taken = await self._call(
+                self._batch.call(self._rate, [self.k("rl", key_id)], args),
+                RATE_LIMIT_DEADLINE_SECONDS,
+            )
+        except GatewayError:
             return True
+        if taken:
+            members = [f"{member}:{i}" for i in range(1, int(taken) + 1)]
+            self._spares[key_id] = _Spares(members, now)
+            if self._sweeper is None:
+                self._sweeper = asyncio.create_task(self._sweep(), name="rate-spares")
         return bool(ok)
 
-    async def register_session(
-        self, principal: Principal, socket_id: str, info: dict[str, Any]
-    ) -> None:
-        deadline = int(time.time() * 1000) + LEASE_MS
+    async def _sweep(self) -> None:
+        """Give back spares unused for RATE_SPARE_SECONDS (they would count against their key
+        for a minute), while any are held."""
+        try:
+            while self._spares:
+                await asyncio.sleep(RATE_SPARE_SECONDS)
+                now = time.monotonic()
+                old = [k for k, s in self._spares.items() if now - s.taken_at >= RATE_SPARE_SECONDS]
+                with contextlib.suppress(GatewayError):
+                    await self._give_back(old)
+        finally:
+            self._sweeper = None
+
+    async def _give_back(self, key_ids: list[str]) -> None:
+        returned = [(k, self._spares.pop(k)) for k in key_ids if k in self._spares]
+        returned = [(k, s) for k, s in returned if s.members]
+        if not returned:
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.k("sessions"), {socket_id: deadline})
-            pipe.set(self.k("session", socket_id), orjson.dumps(info), px=LEASE_MS)
-            await self._call(pipe.execute())
+            for key_id, spares in returned:
+                pipe.zrem(self.k("rl", key_id), *spares.members)
+            await self._call(pipe.execute(), RATE_LIMIT_DEADLINE_SECONDS * 4)
 
     async def refresh_leases(self, sessions: list[tuple[Principal, str, dict[str, Any]]]) -> None:
         """Renew this node's slots and session records (every LEASE_REFRESH_SECONDS)."""
@@ -332,12 +575,32 @@ class KeyStore:
             await self._call(pipe.execute())
 
     async def release_socket(self, principal: Principal, socket_id: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.k("slots", "key", principal.key_id), socket_id)
-            pipe.zrem(self.k("slots", "team", principal.team_id), socket_id)
-            pipe.zrem(self.k("sessions"), socket_id)
-            pipe.delete(self.k("session", socket_id))
-            await self._call(pipe.execute())
+        """Give back a closed socket's slots and session record, within RELEASE_BATCH_SECONDS
+        and with the other sockets closed meanwhile: one call for a burst of closes."""
+        self._releases.append((principal.key_id, principal.team_id, socket_id))
+        if self._releaser is None:
+            self._releaser = asyncio.create_task(self._release_later(), name="slot-release")
+
+    async def _release_later(self) -> None:
+        try:
+            await asyncio.sleep(RELEASE_BATCH_SECONDS)
+        finally:
+            self._releaser = None
+        with contextlib.suppress(GatewayError):
+            await self.flush_releases()  # Redis away: the slots' leases lapse within a minute
+
+    async def flush_releases(self) -> None:
+        batch, self._releases = self._releases, []
+        if not batch:
+            return
+        keys = [self.k("sessions")]
+        for key_id, team_id, socket_id in batch:
+            keys += [
+                self.k("slots", "key", key_id),
+                self.k("slots", "team", team_id),
+                self.k("session", socket_id),
+            ]
+        await self._call(self._batch.call(self._release, keys, [s for *_, s in batch]))
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         now = int(time.time() * 1000)
@@ -377,10 +640,48 @@ class NodeView:
         self.view = View(version=-1, teams={}, catalog={})
         self.on_tick = on_tick
         self._task: asyncio.Task[None] | None = None
+        self.read_at = float("-inf")  # time.monotonic() of the last version Redis answered
+        # secret hash -> (its key, the store's version then, the store's local writes then)
+        self._secrets: dict[str, tuple[ApiKey, int, int]] = {}
+
+    async def lookup_secret(
+        self, secret: str, *, fresh: bool = False
+    ) -> tuple[tuple[ApiKey, str] | None, int]:
+        """`KeyStore.lookup_secret_versioned`, without a round trip for a secret seen since
+        the store's version last moved.
+
+        Every admin write bumps the version, which this view reads 4 times a second; a secret
+        is reused only while its version is the view's, no write went through this node's own
+        store since, and the view's reading is under SECRET_CACHE_FRESH_SECONDS old. So a
+        revocation or rotation made on this node refuses the next handshake here, and one made
+        elsewhere within the view's poll (0.25 s); and the handshake learns the version again
+        from its slot's round trip (`KeyStore.acquire_socket`) and asks again with `fresh` if
+        it moved, so no handshake is older than the store it finished against. Unknown
+        secrets are not kept (a flood of wrong keys cannot fill the table).
+        """
+        digest = hash_secret(secret)
+        writes = self.store.writes
+        hit = self._secrets.get(digest)
+        if (
+            hit is not None
+            and not fresh
+            and hit[1] == self.view.version
+            and hit[2] == writes
+            and time.monotonic() - self.read_at < SECRET_CACHE_FRESH_SECONDS
+        ):
+            return (hit[0], digest), hit[1]
+        key, version = await self.store.lookup_digest(digest)
+        if key is None:
+            return None, version
+        if len(self._secrets) >= SECRET_CACHE_SIZE:
+            self._secrets.clear()
+        self._secrets[digest] = (key, version, writes)
+        return (key, digest), version
 
     async def load(self) -> bool:
         try:
             version = await self.store.version()
+            self.read_at = time.monotonic()
             if version == self.view.version:
                 return False
             teams = {t.id: t for t in await self.store.list_teams()}

@@ -16,6 +16,7 @@ from app.errors import GatewayError
 from app.keystore import KeyStore, NodeView
 from app.memory import MemoryBudget
 from app.models import DEFAULT_CREDENTIAL, ApiKey
+from app.pool import UpstreamPool
 
 if TYPE_CHECKING:
     from app.ledger import Ledger
@@ -38,6 +39,8 @@ class Node:
         self.key_cache: dict[str, ApiKey] = {}
         self.draining = False
         self.http: aiohttp.ClientSession | None = None
+        # Built here so it is never None for a session; it opens nothing until `start`.
+        self.pool = UpstreamPool(settings, self.credential)
         self._lease_task: asyncio.Task[None] | None = None
 
     def credential(self, name: str) -> str | None:
@@ -45,6 +48,12 @@ class Node:
         if name == DEFAULT_CREDENTIAL:
             return self.settings.openai_api_key or os.environ.get(name) or None
         return os.environ.get(name) or None
+
+    def pooled_credentials(self) -> set[str]:
+        """Credential names worth keeping warm: the default and every active team's, if set."""
+        names = {DEFAULT_CREDENTIAL}
+        names.update(t.upstream_credential for t in self.view.view.teams.values() if t.active)
+        return {name for name in names if self.credential(name)}
 
     def _expelled(self, task: asyncio.Task[None]) -> None:
         for sid, known in list(self._expelling.items()):
@@ -76,6 +85,8 @@ class Node:
         return self.http
 
     async def _on_view_tick(self, changed: bool) -> None:
+        if changed:
+            self.pool.want(self.pooled_credentials())
         live = {s.principal.key_id for s in self.sessions}
         if changed and live:
             try:
@@ -106,12 +117,14 @@ class Node:
 
         self.http = new_http_session()
         await self.view.start()
+        self.pool.start(self.http, self.pooled_credentials())
         self._lease_task = asyncio.create_task(self._refresh_leases(), name="leases")
 
     async def stop(self) -> None:
         await self.view.stop()
         if self._lease_task:
             self._lease_task.cancel()
+        await self.pool.close()
         if self.http:
             await self.http.close()
 

@@ -23,6 +23,7 @@ from app.keystore import Principal
 from app.ledger.rows import TurnRecord
 from app.node import NODE, Node
 from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object
+from app.redact import redact_bytes
 from app.routing import check_route
 from app.session import TERMINAL
 from app.usage import charge
@@ -57,7 +58,7 @@ class HttpTurn:
         )
         duration = time.perf_counter() - self.started
         if accepted and self.model and status:
-            metrics.RESPONSES_TOTAL.labels(model=self.model, status=status).inc()
+            metrics.responses(self.model, status).inc()
             metrics.RESPONSE_DURATION.observe(duration)
         ttfe = None if self.first_byte is None else self.first_byte - self.started
         self.node.ledger.record(
@@ -100,7 +101,11 @@ async def _checked(
     node: Node, request: web.Request, transport: Transport
 ) -> tuple[HttpTurn, dict[str, Any]]:
     """Auth, then checks 3-5 and 8; the body to send upstream."""
-    principal, _key, team = await authenticate(node, request)
+    try:
+        principal, _key, team = await authenticate(node, request)
+    except GatewayError as err:
+        metrics.count_error(err.code)  # 401/403/429/503: no turn yet, so no ledger row
+        raise
     turn = HttpTurn(node, principal, transport)
     try:
         fields = await _read_body(request)
@@ -148,7 +153,8 @@ async def _relay(request: web.Request, transport: Transport, path: str) -> web.S
         return error_response(GatewayError(Code.SERVER_SHUTTING_DOWN), {"Retry-After": "1"})
     turn, body = await _checked(node, request, transport)
     url = node.settings.openai_base_url + path
-    headers = {"Authorization": f"Bearer {_credential(node, turn)}"}
+    credential = _credential(node, turn)
+    headers = {"Authorization": f"Bearer {credential}"}
     try:
         async with node.upstream_http.post(
             url,
@@ -162,7 +168,7 @@ async def _relay(request: web.Request, transport: Transport, path: str) -> web.S
         ) as upstream:
             if body.get("stream") is True and upstream.status < 400:
                 return await _relay_sse(request, turn, upstream)
-            return await _relay_json(turn, upstream, transport)
+            return await _relay_json(turn, upstream, transport, credential)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         err = GatewayError(
             Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED,
@@ -174,10 +180,14 @@ async def _relay(request: web.Request, transport: Transport, path: str) -> web.S
 
 
 async def _relay_json(
-    turn: HttpTurn, upstream: aiohttp.ClientResponse, transport: Transport
+    turn: HttpTurn, upstream: aiohttp.ClientResponse, transport: Transport, credential: str
 ) -> web.Response:
     raw = await upstream.read()
     turn.first_byte = time.perf_counter()
+    if upstream.status >= 400:
+        # OpenAI's 401 quotes the operator's key (masked but for 12 characters): never ours to
+        # pass on. Errors only: a response body is the customer's own content.
+        raw = redact_bytes(raw, (credential,))
     try:
         value = orjson.loads(raw)
     except (orjson.JSONDecodeError, RecursionError, ValueError):

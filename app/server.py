@@ -12,6 +12,7 @@ from aiohttp import web
 
 from app import handlers, relay
 from app.config import Settings
+from app.guard import AUTH_GUARD, AuthGuard
 from app.http import errors_middleware
 from app.keystore import KeyStore
 from app.ledger import Ledger
@@ -30,6 +31,7 @@ def create_app(settings: Settings) -> web.Application:
     ledger = Ledger(settings.database_url, settings.spill_dir)
     node = Node(settings, store, ledger)
     app[NODE] = node
+    app[AUTH_GUARD] = AuthGuard.from_settings(settings)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await ledger.start()

@@ -97,6 +97,7 @@ class Turn:
         "frame",
         "http_fallback",
         "memory_bound_exceeded",
+        "overhead",
         "received_at",
         "response_id",
         "retried",
@@ -120,6 +121,7 @@ class Turn:
         self.sent_previous_id: str | None = None
         self.sent_input: list[Any] = []
         self.task: asyncio.Task[None] | None = None
+        self.overhead = metrics.Tally(metrics.OVERHEAD)
 
 
 class Session:
@@ -146,9 +148,10 @@ class Session:
         self.closed_by: Literal["client", "gateway"] = "client"
         self._sent_close: int | None = None  # aiohttp keeps the peer's reply code instead
         self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
-        self._last_upstream_frame = time.monotonic()
+        self._last_upstream_frame = time.perf_counter()
         self._close_after_turn: int | None = None
         self._transport: asyncio.WriteTransport | None = None
+        self._max_pending = node.settings.max_pending_bytes
         self._watchdog: asyncio.TimerHandle | None = None
         self._silence: asyncio.Task[None] | None = None
 
@@ -291,8 +294,8 @@ class Session:
         if self.ws.closed:
             return False
         transport = self._transport
-        if transport is not None and transport.get_write_buffer_size() + len(text) > (
-            self.node.settings.max_pending_bytes
+        if transport is not None and (
+            transport.get_write_buffer_size() + len(text) > self._max_pending
         ):
             await self._drop_slow_client(transport)
             return False
@@ -354,7 +357,7 @@ class Session:
         turn.conn = conn
         turn.sent_previous_id = body.get("previous_response_id")
         turn.sent_input = as_items(body.get("input")) or []
-        self._last_upstream_frame = time.monotonic()
+        self._last_upstream_frame = time.perf_counter()
         self._arm_watchdog()
         try:
             await conn.send(body)
@@ -375,13 +378,15 @@ class Session:
         credential = self.node.credential(team.upstream_credential) if team else None
         if not credential:
             raise UpstreamHandshakeError("no upstream credential on this node")
-        conn = await open_upstream(
-            self.node.upstream_http,
-            settings.upstream_ws_url,
-            credential,
-            timeout=settings.upstream_handshake_seconds,
-            max_msg_size=settings.upstream_max_frame_bytes,
-        )
+        conn = await self.node.pool.take(team.upstream_credential) if team else None
+        if conn is None:  # no warm one: pay the handshake
+            conn = await open_upstream(
+                self.node.upstream_http,
+                settings.upstream_ws_url,
+                credential,
+                timeout=settings.upstream_handshake_seconds,
+                max_msg_size=settings.upstream_max_frame_bytes,
+            )
         self.upstream = conn
         self._upstream_reader = asyncio.create_task(
             self._read_upstream(conn), name=f"upstream-{self.id}"
@@ -414,8 +419,9 @@ class Session:
         model = turn.frame.model
         usage = response.get("usage") if response else None
         usage_fields = charge(self.node.view.view.catalog, model, self.principal.team_id, usage)
-        metrics.RESPONSES_TOTAL.labels(model=model, status=status).inc()
+        metrics.responses(model, status).inc()
         metrics.RESPONSE_DURATION.observe(duration)
+        turn.overhead.flush(metrics.OVERHEAD)
         ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
         log.info(
             "response",
@@ -458,7 +464,7 @@ class Session:
         if turn is None or turn.conn is None or self.state is not State.IN_FLIGHT:
             return
         idle = self.node.settings.upstream_idle_seconds
-        silent = time.monotonic() - self._last_upstream_frame
+        silent = time.perf_counter() - self._last_upstream_frame
         if silent < idle:
             loop = asyncio.get_running_loop()
             self._watchdog = loop.call_later(idle - silent, self._watchdog_fired)
@@ -477,11 +483,10 @@ class Session:
                 await self._upstream_lost(conn, 1006, "upstream connection dropped")
                 return
             if msg.type is WSMsgType.TEXT:
-                self._last_upstream_frame = time.monotonic()
                 if not await self._on_upstream_text(conn, msg.data):
                     return
             elif msg.type is WSMsgType.BINARY:
-                self._last_upstream_frame = time.monotonic()
+                self._last_upstream_frame = time.perf_counter()
                 with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
                     await self.ws.send_bytes(msg.data)
             elif msg.type is WSMsgType.CLOSE:
@@ -497,7 +502,7 @@ class Session:
 
     async def _on_upstream_text(self, conn: UpstreamConn | None, text: str) -> bool:
         """Forward one upstream event; False when the client is gone."""
-        received = time.perf_counter()
+        received = self._last_upstream_frame = time.perf_counter()
         turn = self.turn
         kind = event_type(text)
         if kind in INSPECTED:
@@ -511,7 +516,10 @@ class Session:
                 metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
         if not await self._send(text):
             return False
-        metrics.OVERHEAD.observe(time.perf_counter() - received)
+        if turn is not None:
+            turn.overhead.observe(time.perf_counter() - received)
+        else:
+            metrics.OVERHEAD.observe(time.perf_counter() - received)
         return True
 
     async def _inspect(

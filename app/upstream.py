@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 
 from app import sse
+from app.redact import redact_bytes
 
 USER_AGENT = "openai-ws-gateway/0.1"
 
@@ -111,9 +112,10 @@ class UpstreamHTTPError(Exception):
         self.body = body
 
 
-def _error_body(status: int, raw: bytes) -> dict[str, Any]:
+def _error_body(status: int, raw: bytes, credential: str = "") -> dict[str, Any]:
+    """The error OpenAI sent, with any key-looking text redacted: it goes to the customer."""
     try:
-        value = orjson.loads(raw)
+        value = orjson.loads(redact_bytes(raw, (credential,)))
     except (orjson.JSONDecodeError, RecursionError, ValueError):
         value = None
     if isinstance(value, dict) and isinstance(value.get("error"), dict):
@@ -141,7 +143,8 @@ async def stream_http(
             timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=None),
         ) as resp:
             if resp.status >= 400:
-                raise UpstreamHTTPError(resp.status, _error_body(resp.status, await resp.read()))
+                raw = await resp.read()
+                raise UpstreamHTTPError(resp.status, _error_body(resp.status, raw, credential))
             async for event in sse.parse(resp.content.iter_any()):
                 if event.data != "[DONE]":
                     yield event.data

@@ -36,9 +36,9 @@ def usage_figures(usage: object) -> Tokens | None:
 def count_usage(model: str, team: str, tokens: Tokens, cost: Decimal) -> None:
     for kind, value in zip(("input", "cached_input", "output", "reasoning"), tokens, strict=True):
         if value:
-            metrics.TOKENS_TOTAL.labels(model=model, kind=kind).inc(value)
+            metrics.tokens(model, kind).inc(value)
     if cost > 0:
-        metrics.COST_USD_TOTAL.labels(team=team).inc(float(cost))
+        metrics.cost(team).inc(float(cost))
 
 
 def charge(

@@ -200,6 +200,35 @@ async def test_a_hung_redis_does_not_stall_live_turns(
     assert took < 2.5, f"a turn took {took:.1f} s while Redis hung"
 
 
+async def test_a_hung_redis_gets_handshakes_and_readyz_a_503_within_a_second_or_so(
+    redis_gateway: Gateway,
+    own_redis: RedisServer,
+    limited: Tenant,
+    live_socket: aiohttp.ClientWebSocketResponse,
+) -> None:
+    auth = {"Authorization": f"Bearer {limited.key}"}
+    loop = asyncio.get_running_loop()
+    own_redis.freeze()
+    try:
+        started = loop.time()
+        status = (await handshake(redis_gateway, auth))[0]
+        handshake_took = loop.time() - started
+        started = loop.time()
+        ready = (await get(redis_gateway, "/readyz"))[0]
+        readyz_took = loop.time() - started
+    finally:
+        own_redis.thaw()
+    print(
+        f"\nhung Redis: handshake {status} in {handshake_took:.2f} s, /readyz {ready} in "
+        f"{readyz_took:.2f} s"
+    )
+    assert status == 503 and ready == 503
+    # HANDSHAKE_DEADLINE_SECONDS is 1 and a timeout is not retried: a handshake waits for at
+    # most its secret's lookup and its slot's call (about 2 s here), not the ~6 s of retries.
+    assert handshake_took < 3.0 and readyz_took < 2.0
+    await assert_usable(live_socket, "after")
+
+
 # -- the client vanishes mid-response ------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ gateway writes to is searched for the gateway keys' secrets, the upstream keys a
 its log records (every logger, at DEBUG), `/metrics`, every ledger row in Postgres, the spill dir
 (with a second node whose Postgres is away, so rows really are spilled), Redis, and every frame,
 HTTP body and header a client received. The only place a gateway key may appear is the admin
-answer that created or rotated it; the upstream keys reach no customer."""
+answer that created or rotated it; the upstream keys reach no customer, not even the part of a
+wrong one that OpenAI's 401 quotes (its first 8 and last 4 characters)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,15 @@ from services import free_port
 
 from app.logs import JsonFormatter
 from app.server import create_app
+from app.simulator.errors import masked_key
 
 ADMIN_TOKEN = "admin-test-token"  # conftest's gateway_settings
 TEAM_CREDENTIAL = "GW_TEST_BLUE_UPSTREAM_KEY"
 TEAM_UPSTREAM_KEY = "sk-blue-upstream-9f8e7d6c5b4a"
+# A key the upstream refuses (the simulator's 401 faults, which quote the key sent as OpenAI does).
+# Its last 4 characters cannot occur by chance in ids, numbers or hex.
+RED_CREDENTIAL = "GW_TEST_RED_UPSTREAM_KEY"
+RED_UPSTREAM_KEY = "sk-proj-red-upstream-wrong-5tQ-XZ"
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
@@ -180,9 +186,54 @@ async def redis_text(gateway: Gateway) -> str:
 
 
 def needles(secret: str) -> list[str]:
-    """A secret and, for a gateway key, its private tail (the prefix before `_` is public)."""
+    """A secret and, for a gateway key, its private tail (the prefix before `_` is public); for
+    an upstream key, what OpenAI's 401 quotes of it: the masked form, its last 4 characters
+    (after the mask) and, to be safe, its last 8."""
     _, sep, tail = secret.partition("_")
-    return [secret, tail] if sep and secret.startswith("sk-gw-") else [secret]
+    if sep and secret.startswith("sk-gw-"):
+        return [secret, tail]
+    if secret in UPSTREAM_KEYS:
+        found = [secret, masked_key(secret), "*" + secret[-4:], secret[-8:]]
+        return found + ([secret[-4:]] if secret == RED_UPSTREAM_KEY else [])
+    return [secret]
+
+
+UPSTREAM_KEYS = (UPSTREAM_KEY, TEAM_UPSTREAM_KEY, RED_UPSTREAM_KEY)
+
+
+async def wrong_upstream_key(client: Client, sim: Sim, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A team whose upstream key OpenAI refuses: over the WebSocket handshake, the HTTP fallback
+    and the HTTP relay. OpenAI's 401 quotes the key masked; the customer sees none of it."""
+    monkeypatch.setenv(RED_CREDENTIAL, RED_UPSTREAM_KEY)
+    team = {
+        "id": "red",
+        "name": "Red",
+        "allowed_models": ["openai/gpt-*"],
+        "upstream_credential": RED_CREDENTIAL,
+    }
+    await client.admin("POST", "/teams", team)
+    red = await client.admin("POST", "/keys", {"team_id": "red", "name": "red-1"})
+    ws = await client.socket(red["key"])
+    await sim.arm("401")
+    refused = await ws.turn()
+    assert refused["error"]["code"] == "upstream_websocket_handshake_failed", refused
+    assert refused["error"]["message"] == (
+        "Could not open the upstream WebSocket to OpenAI: "
+        "upstream refused the handshake with HTTP 401."
+    )
+    # The silent close of a decimal temperature sends the turn over HTTP, which is refused.
+    fallback = await ws.turn(temperature=0.5, metadata={"sim_http_fault": "status_401"})
+    assert (fallback["status"], fallback["error"]["code"]) == (401, "invalid_api_key"), fallback
+    assert "Incorrect API key provided: [redacted]." in fallback["error"]["message"]
+    await ws.ws.close()
+    wrong = {"model": MODEL, "input": "red", "metadata": {"sim_http_fault": "status_401"}}
+    for body in (wrong, {**wrong, "stream": True}):
+        assert await client.http_call("POST", "/v1/responses", red["key"], body) == 401
+    assert "Incorrect API key provided: [redacted]." in client.received[-1]
+    seen = [h["headers"].get("authorization") for h in await sim.handshakes()]
+    assert f"Bearer {RED_UPSTREAM_KEY}" in seen  # the refused key did go upstream
+    key: str = red["key"]
+    return key
 
 
 async def run_traffic(
@@ -262,7 +313,8 @@ async def run_traffic(
     assert await client.http_call("POST", "/v1/responses", ADMIN_TOKEN, body) == 401
     for sock in (ws, old_blue, new_blue):
         await sock.ws.close()
-    return [tenant.key, blue["key"], rotated["key"], doomed["key"]]
+    red = await wrong_upstream_key(client, sim, monkeypatch)
+    return [tenant.key, blue["key"], rotated["key"], doomed["key"], red]
 
 
 async def spill_with_postgres_away(
@@ -340,6 +392,7 @@ async def test_no_secret_in_logs_metrics_ledger_spill_redis_or_answers(
         **{f"gateway key {i}": k for i, k in enumerate(keys)},
         "upstream key": UPSTREAM_KEY,
         "team upstream key": TEAM_UPSTREAM_KEY,
+        "refused upstream key": RED_UPSTREAM_KEY,
         "admin token": ADMIN_TOKEN,
     }
     leaks = [
@@ -366,8 +419,10 @@ async def test_the_upstream_keys_go_upstream_and_never_to_the_customer(
     seen = await sim.handshakes()
     used = {h["headers"].get("authorization") for h in seen}
     assert f"Bearer {UPSTREAM_KEY}" in used and f"Bearer {TEAM_UPSTREAM_KEY}" in used
+    assert f"Bearer {RED_UPSTREAM_KEY}" in used
     for text in client.received:
-        assert UPSTREAM_KEY not in text and TEAM_UPSTREAM_KEY not in text
-        assert UPSTREAM_KEY.removeprefix("sk-") not in text
+        for secret in UPSTREAM_KEYS:
+            for needle in [*needles(secret), secret.removeprefix("sk-"), secret[:8] + "*"]:
+                assert needle not in text, needle
     team = await client.admin("GET", "/teams/blue")
     assert team["upstream_credential"] == TEAM_CREDENTIAL

@@ -5,7 +5,11 @@
 - a middleware that guards every path under `/admin/v1`: without the right bearer token the
   answer is 401 `invalid_admin_token`, before routing can answer 404 or 405 and before any body
   is read. The token is compared in constant time; with no `ADMIN_TOKEN` configured (dev) every
-  admin request is refused: the API is never open.
+  admin request is refused: the API is never open. Before the token, in this order: with
+  `GATEWAY_ADMIN_REQUIRE_TLS_PROXY`, a request that did not come over HTTPS through the proxy gets
+  403 `admin_tls_required` (its token is never looked at, so a plaintext path is no oracle for
+  it); an address out of failed authentications gets 429 `rate_limit_exceeded` (app/guard.py).
+  A wrong token counts against the address.
 - the `/admin/v1` routes, thin: parse, call `AdminOps`, shape the answer;
 - `GET /v1/models` and `GET /v1/gateway/models` for a customer key: the models its team may
   route and this node can serve (allowed, priced, upstream credential set here).
@@ -40,6 +44,7 @@ from app.admin.schemas import (
     parse_json,
 )
 from app.errors import Code, GatewayError
+from app.guard import AUTH_GUARD, admin_over_tls
 from app.handlers import authenticate, bearer
 from app.http import Handler, error_response
 from app.models import Team
@@ -71,14 +76,29 @@ def token_ok(given: str | None, expected: str | None) -> bool:
 @web.middleware
 async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_admin_path(request.path):
-        node = request.app[NODE]
-        if not token_ok(bearer(request), node.settings.admin_token):
-            metrics.count_error(Code.INVALID_ADMIN_TOKEN)
-            return error_response(
-                GatewayError(Code.INVALID_ADMIN_TOKEN),
-                {"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
-            )
+        refusal = _admin_refusal(request)
+        if refusal is not None:
+            metrics.count_error(refusal.code)
+            headers = {"WWW-Authenticate": 'Bearer realm="gateway-admin"'}
+            return error_response(refusal, headers if refusal.status == 401 else None)
     return await handler(request)
+
+
+def _admin_refusal(request: web.Request) -> GatewayError | None:
+    """TLS proxy (if configured), then the address's failures, then the token."""
+    settings = request.app[NODE].settings
+    if settings.admin_require_tls_proxy and not admin_over_tls(request):
+        return GatewayError(Code.ADMIN_TLS_REQUIRED)
+    guard = request.app[AUTH_GUARD]
+    try:
+        address = guard.admit(request)
+    except GatewayError as err:
+        return err
+    if token_ok(bearer(request), settings.admin_token):
+        return None
+    refused = GatewayError(Code.INVALID_ADMIN_TOKEN)
+    guard.charge(address, refused)
+    return refused
 
 
 def actor_of(request: web.Request) -> Actor:

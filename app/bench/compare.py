@@ -25,6 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
+from app import eventloop
 from app.bench import profile, report
 from app.bench.load import (
     BenchError,
@@ -133,6 +134,7 @@ def _header(plan: Plan, stack: Stack) -> list[str]:
     return [
         f"gateway bench --compare: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"aiohttp {aiohttp.__version__}, {p.rounds} rounds with the targets alternating",
+        f"  event loop of the relay and the gateway: {_loop_of(stack)}",
         f"  direct   {stack.sim_ws_url} (the simulator, pid {stack.sim.pid})",
         f"  relay    {stack.relay.address} (bare relay, pid {stack.relay.pid})",
         f"  gateway  ws://{stack.gateway.address}/v1/responses (gateway serve, pid "
@@ -146,6 +148,14 @@ def _header(plan: Plan, stack: Stack) -> list[str]:
         f"  first turn: {p.first_turns} new sockets per target, {p.handshake_delay_ms:g} ms "
         "upstream handshake, timed from the client's handshake to the first event",
     ]
+
+
+def _loop_of(stack: Stack) -> str:
+    if stack.loop == "asyncio":
+        return "asyncio"
+    if stack.loop == "uvloop":
+        return "uvloop"
+    return f"{eventloop.loop_name('auto')} (GATEWAY_EVENT_LOOP=auto)"
 
 
 async def compare(plan: Plan, options: CompareOptions) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from app import eventloop
+
 
 @dataclass
 class Relay:
@@ -136,9 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--upstream", required=True, metavar="WS_URL")
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the event loop, as GATEWAY_EVENT_LOOP chooses the gateway's (default: auto)",
+    )
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_relay(args.host, args.port, args.upstream))
+        eventloop.run(run_relay(args.host, args.port, args.upstream), args.loop)
     return 0
 
 

@@ -256,6 +256,7 @@ class Stack:
     relay: Child
     gateway: Child
     key: str
+    loop: str = "auto"  # GATEWAY_EVENT_LOOP of the relay and the gateway
 
     @property
     def sim_ws_url(self) -> str:
@@ -335,8 +336,11 @@ async def start_stack(bed: Bed, tag: str, *, handshake_delay_ms: float = 0) -> S
     sim = await spawn(f"simulator-{tag}", sim_argv, env=env, workdir=bed.workdir, ready=_SIM_READY)
     bed.exits.push_async_callback(sim.stop)
     sim_ws = f"ws://{sim.address}/v1/responses"
-    relay_argv = _python("-m", "app.bench.relay", "--port", "0", "--upstream", sim_ws)
     gateway_env = _gateway_env(bed, f"http://{sim.address}/v1", tag)
+    # The relay runs on the gateway's event loop: the floor is measured on the same stack.
+    loop = gateway_env.get("GATEWAY_EVENT_LOOP", "auto")
+    relay_argv = _python("-m", "app.bench.relay", "--port", "0", "--upstream", sim_ws)
+    relay_argv += ["--loop", loop]
     started = await asyncio.gather(
         spawn(f"relay-{tag}", relay_argv, env=env, workdir=bed.workdir, ready=_RELAY_READY),
         spawn(
@@ -356,4 +360,4 @@ async def start_stack(bed: Bed, tag: str, *, handshake_delay_ms: float = 0) -> S
             raise child
     relay, gateway = started
     assert isinstance(relay, Child) and isinstance(gateway, Child)
-    return Stack(sim, relay, gateway, bed.key)
+    return Stack(sim, relay, gateway, bed.key, loop)

@@ -156,20 +156,34 @@ def simulated_server_error() -> SimError:
     )
 
 
-def invalid_api_key(present: bool) -> SimError:
-    message = (
-        "Incorrect API key provided."
-        if present
-        else "You didn't provide an API key. You need to provide your API key in an "
-        "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-    )
+def masked_key(key: str) -> str:
+    """A key as OpenAI's 401 quotes it: its first 8 and last 4 characters, `*` in between
+    ("sk-abc12***…***wxyz", as many `*` as characters hidden). A key of 12 characters or fewer
+    is quoted whole (*unconfirmed*: public reports show "undefined" quoted as is)."""
+    if len(key) <= 12:
+        return key
+    return key[:8] + "*" * (len(key) - 12) + key[-4:]
+
+
+def invalid_api_key(present: bool, key: str = "") -> SimError:
+    if not present:
+        message = (
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    else:
+        message = (
+            f"Incorrect API key provided: {masked_key(key)}. "
+            "You can find your API key at https://platform.openai.com/account/api-keys."
+        )
     return SimError(401, "invalid_api_key", message)
 
 
-def refusal(status: int) -> SimError:
-    """An HTTP refusal (a handshake fault, `sim_http_fault: status_…`), as OpenAI words it."""
+def refusal(status: int, key: str = "") -> SimError:
+    """An HTTP refusal (a handshake fault, `sim_http_fault: status_…`), as OpenAI words it;
+    `key` is the bearer the request presented (a 401 quotes it, masked)."""
     if status == 401:
-        return invalid_api_key(present=True)
+        return invalid_api_key(present=True, key=key)
     if status == 429:
         return SimError(
             429,

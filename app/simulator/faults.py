@@ -47,9 +47,18 @@ HANDSHAKE_FAULTS: Final = ("401", "429", "500", "503", HANDSHAKE_HANG)
 # Faults of one HTTP `POST /v1/responses` (`metadata.sim_http_fault`). WebSocket faults never
 # apply over HTTP: the gateway's HTTP fallback must be able to serve a turn whose WebSocket
 # attempt was sabotaged with the same metadata.
+HTTP_STATUS_401: Final = "status_401"  # as if the key were wrong: OpenAI's 401, key quoted
 HTTP_STATUS_429: Final = "status_429"
 HTTP_STATUS_500: Final = "status_500"
-HTTP_FAULTS: Final = (HTTP_STATUS_429, HTTP_STATUS_500, DROP, HANG, RESPONSE_FAILED, INCOMPLETE)
+HTTP_FAULTS: Final = (
+    HTTP_STATUS_401,
+    HTTP_STATUS_429,
+    HTTP_STATUS_500,
+    DROP,
+    HANG,
+    RESPONSE_FAILED,
+    INCOMPLETE,
+)
 
 
 def check_name(value: str, allowed: tuple[str, ...], what: str) -> str:

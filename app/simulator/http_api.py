@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from app.simulator import errors, faults
-from app.simulator.auth import auth_error
+from app.simulator.auth import auth_error, bearer_key
 from app.simulator.errors import Json, SimError, json_response
 from app.simulator.generate import Chain, Turn, build_compaction, build_turn, failed_event
 from app.simulator.knobs import TurnKnobs, turn_knobs
@@ -22,7 +22,11 @@ from app.simulator.playback import cut_point, play, stamp, until_gone
 from app.simulator.request import CreateRequest, create_fields, parse_compact, parse_create
 from app.simulator.state import STATE, SimState, lowered_headers
 
-_STATUS_FAULTS = {faults.HTTP_STATUS_429: 429, faults.HTTP_STATUS_500: 500}
+_STATUS_FAULTS = {
+    faults.HTTP_STATUS_401: 401,
+    faults.HTTP_STATUS_429: 429,
+    faults.HTTP_STATUS_500: 500,
+}
 _CUTTING_FAULTS = frozenset({faults.DROP, faults.HANG, faults.RESPONSE_FAILED})
 
 
@@ -39,7 +43,7 @@ async def handle_create(request: web.Request) -> web.StreamResponse:
             default_fault=lambda: None,
         )
         if knobs.fault in _STATUS_FAULTS:
-            raise errors.refusal(_STATUS_FAULTS[knobs.fault])
+            raise errors.refusal(_STATUS_FAULTS[knobs.fault], bearer_key(request))
         prev = _stored(state, req.previous_response_id)
         turn = build_turn(req, prev, now=time.time(), shaping=knobs.shaping)
     except SimError as err:

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from app.simulator import errors, faults
-from app.simulator.auth import auth_error
+from app.simulator.auth import auth_error, bearer_key
 from app.simulator.errors import Json, SimError
 from app.simulator.generate import Chain, Turn, build_turn, error_without_status, failed_event
 from app.simulator.knobs import TurnKnobs, turn_knobs
@@ -72,7 +72,7 @@ async def _handshake_refusal(request: web.Request, state: SimState) -> web.Strea
         return web.Response(status=504)  # nobody is listening any more
     if fault is not None:
         retry = {"Retry-After": "1"} if fault == "429" else None
-        return errors.refusal(int(fault)).http_response(retry)
+        return errors.refusal(int(fault), bearer_key(request)).http_response(retry)
     err = auth_error(request, options)
     return None if err is None else err.http_response()
 

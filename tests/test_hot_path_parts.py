@@ -1,0 +1,220 @@
+"""The parts issue 6's tuning added, each against the behaviour it must keep.
+
+- `metrics.Tally`: a turn's per-event overhead added up and handed to the histogram at its end
+  must leave exactly what observing each value would have.
+- `NodeView.lookup_secret`: a secret seen before is reused without a round trip only while the
+  store's version has not moved; a write (here or on another node) refuses it again.
+- `KeyStore.allow_response`: a busy key's turns use spare slots taken ahead (no round trip);
+  spares are counted in Redis when taken, so nodes together never pass the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from app import metrics
+from app.errors import Code
+from app.keystore import (
+    RATE_SPARE_SECONDS,
+    RATE_SPARES,
+    RELEASE_BATCH_SECONDS,
+    KeyStore,
+    NodeView,
+    Principal,
+    hash_secret,
+    secret_status,
+)
+from app.models import ApiKey, OldSecret, Team, utcnow
+
+
+def _samples(histogram: Histogram) -> dict[tuple[str, str], float]:
+    return {
+        (s.name, s.labels.get("le", "")): s.value
+        for family in histogram.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_a_flushed_tally_equals_observing_each_value() -> None:
+    buckets = (0.00001, 0.000025, 0.0001, 0.001, 0.01, 0.1)
+    one_by_one = Histogram("a", "a", buckets=buckets, registry=CollectorRegistry())
+    tallied = Histogram("b", "b", buckets=buckets, registry=CollectorRegistry())
+    rng = random.Random(6)
+    # Values on the bounds too: a bound belongs to its own bucket (le), as observe() does it.
+    values = [rng.choice([*buckets, 0.0, 0.5, rng.expovariate(2000.0)]) for _ in range(5000)]
+    tally = metrics.Tally(tallied)
+    for i, value in enumerate(values):
+        one_by_one.observe(value)
+        tally.observe(value)
+        if i % 777 == 0:
+            tally.flush(tallied)  # several turns' worth, not one
+    tally.flush(tallied)
+    tally.flush(tallied)  # nothing left: adds nothing
+    got = {(name[1:], le): v for (name, le), v in _samples(tallied).items()}
+    want = {(name[1:], le): v for (name, le), v in _samples(one_by_one).items()}
+    assert got.keys() == want.keys()
+    for sample, value in want.items():
+        assert got[sample] == pytest.approx(value), sample
+    assert want[("_count", "")] == 5000
+
+
+def test_secrets_compare_by_hash_and_old_secrets_end_with_their_grace() -> None:
+    now = utcnow()
+    key = ApiKey(
+        id="key_1",
+        team_id="t",
+        name="",
+        prefix="sk-gw-1",
+        created_at=now,
+        secret_hash=hash_secret("new"),
+        old_secrets=[
+            OldSecret(hash=hash_secret("old"), until=now + timedelta(seconds=5)),
+            OldSecret(hash=hash_secret("older"), until=now - timedelta(seconds=1)),
+        ],
+    )
+    assert secret_status(key, hash_secret("new"), now) is None
+    assert secret_status(key, hash_secret("old"), now) is None
+    assert secret_status(key, hash_secret("older"), now) is Code.API_KEY_EXPIRED
+    assert secret_status(key, hash_secret("other"), now) is Code.INVALID_API_KEY
+
+
+async def test_a_cached_secret_lasts_only_while_the_version_stands(
+    redis_url: str, redis_prefix: str
+) -> None:
+    here, elsewhere = KeyStore(redis_url, redis_prefix), KeyStore(redis_url, redis_prefix)
+    view = NodeView(here)
+    try:
+        await here.put_team(Team(id="t", name="t", allowed_models=["openai/*"]))
+        key, secret = await elsewhere.create_key("t")
+        await view.load()
+        found, _ = await view.lookup_secret(secret)
+        assert found is not None and found[0].id == key.id
+
+        # Remove the secret's mapping behind the store's back (no version bump): the node keeps
+        # answering from its cache, which proves the handshake made no round trip for it.
+        await here.redis.delete(here.k("secret", hash_secret(secret)))
+        found, _ = await view.lookup_secret(secret)
+        assert found is not None and found[0].id == key.id
+
+        # A revocation on another node bumps the version: once the view has read it, the cache
+        # is stale and the secret is looked up again (and is gone here).
+        await elsewhere.revoke_key(key)
+        assert await view.load()
+        found, _ = await view.lookup_secret(secret)
+        assert found is None
+
+        # A write through this node's own store makes its cache stale at once, before the view
+        # has polled the new version.
+        key2, secret2 = await here.create_key("t")
+        await view.load()
+        assert (await view.lookup_secret(secret2))[0] is not None
+        revoked = await here.revoke_key(key2)
+        found, _ = await view.lookup_secret(secret2)
+        assert found is not None and found[0].revoked_at == revoked.revoked_at
+        assert secret_status(found[0], found[1], utcnow()) is Code.API_KEY_REVOKED
+
+        # A view whose last reading of the version is old (Redis away) does not answer from
+        # its cache either.
+        key3, secret3 = await here.create_key("t")
+        await view.load()
+        await view.lookup_secret(secret3)
+        await here.redis.delete(here.k("secret", hash_secret(secret3)))
+        view.read_at -= 60
+        assert (await view.lookup_secret(secret3))[0] is None
+        assert key3.id
+    finally:
+        await here.close()
+        await elsewhere.close()
+
+
+async def _window_size(store: KeyStore, key_id: str) -> int:
+    return int(await store.redis.zcard(store.k("rl", key_id)))
+
+
+async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = KeyStore(redis_url, redis_prefix)
+    try:
+        limit = 1000
+        spares = min(limit // 20, RATE_SPARES)
+        # The first turn asks Redis and takes spares: counted in the window at once.
+        assert await store.allow_response("k", limit)
+        assert await _window_size(store, "k") == 1 + spares
+        # The next turns use them: no round trip, so the window does not move.
+        for _ in range(spares):
+            assert await store.allow_response("k", limit)
+        assert await _window_size(store, "k") == 1 + spares
+        # The one after asks again (and takes more).
+        assert await store.allow_response("k", limit)
+        assert await _window_size(store, "k") == 2 + 2 * spares
+        # Unused, they go back: the window then holds exactly the turns accepted.
+        await asyncio.sleep(RATE_SPARE_SECONDS * 2.5)
+        assert await _window_size(store, "k") == 2 + spares
+    finally:
+        await store.close()
+
+
+async def test_nodes_together_never_pass_the_limit(redis_url: str, redis_prefix: str) -> None:
+    for limit in (40, 100, 7):
+        nodes = [KeyStore(redis_url, redis_prefix) for _ in range(3)]
+        key_id = f"k{limit}"
+        try:
+            accepted = 0
+            for i in range(limit * 3):
+                if await nodes[i % 3].allow_response(key_id, limit):
+                    accepted += 1
+            assert accepted == limit
+            await asyncio.sleep(RATE_SPARE_SECONDS * 2.5)
+            assert await _window_size(nodes[0], key_id) == limit
+            assert not await nodes[1].allow_response(key_id, limit)
+        finally:
+            for store in nodes:
+                await store.close()
+
+
+async def test_spares_are_given_back_when_the_store_closes(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = KeyStore(redis_url, redis_prefix)
+    assert await store.allow_response("k", 1000)
+    await store.close()
+    other = KeyStore(redis_url, redis_prefix)
+    try:
+        assert await _window_size(other, "k") == 1
+    finally:
+        await other.close()
+
+
+async def test_closed_sockets_give_back_their_slots_together_and_a_cap_waits_for_none(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = KeyStore(redis_url, redis_prefix)
+    try:
+        who = Principal(key_id="key_1", key_prefix="sk-gw-1", team_id="t", secret_hash="h")
+        for i in range(5):
+            taken, _ = await store.acquire_socket(who, f"ws_{i}", 0, 0, {"id": f"ws_{i}"})
+            assert taken
+        assert await store.redis.zcard(store.k("sessions")) == 5
+        for i in range(5):
+            await store.release_socket(who, f"ws_{i}")
+        # Queued, not sent: five closes become one call RELEASE_BATCH_SECONDS later.
+        assert await store.redis.zcard(store.k("sessions")) == 5
+        await asyncio.sleep(RELEASE_BATCH_SECONDS * 4)
+        assert await store.redis.zcard(store.k("sessions")) == 0
+        assert not await store.redis.exists(store.k("session", "ws_0"))
+
+        # At a cap of one, a socket closed a moment ago does not refuse the next one: the
+        # refused handshake gives back the node's waiting slots and asks again.
+        assert (await store.acquire_socket(who, "ws_a", 1, 0, {}))[0]
+        await store.release_socket(who, "ws_a")
+        assert (await store.acquire_socket(who, "ws_b", 1, 0, {}))[0]
+        assert not (await store.acquire_socket(who, "ws_c", 1, 0, {}))[0]
+    finally:
+        await store.close()
