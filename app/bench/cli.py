@@ -125,7 +125,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra environment for the gateways started (repeatable)",
+        help="extra environment for the gateways started (repeatable; default "
+        "GATEWAY_UPSTREAM_POOL_SIZE=2, for the first-turn figure)",
     )
     cmp.add_argument(
         "--no-team-limits",

@@ -158,18 +158,26 @@ def _loop_of(stack: Stack) -> str:
     return f"{eventloop.loop_name('auto')} (GATEWAY_EVENT_LOOP=auto)"
 
 
+# The gateway's settings unless --gateway-env says otherwise: a warm pool of two upstream
+# sockets (off by default in `gateway serve`), for the first-turn figure.
+BENCH_GATEWAY_ENV = {"GATEWAY_UPSTREAM_POOL_SIZE": "2"}
+
+
 async def compare(plan: Plan, options: CompareOptions) -> None:
+    gateway_env = {**BENCH_GATEWAY_ENV, **options.gateway_env}
     async with bed(
         plan.model,
         limits=options.team_limits,
-        gateway_env=options.gateway_env,
+        gateway_env=gateway_env,
         keep=options.workdir,
     ) as b:
         say("starting the simulator, the relay and the gateway")
         stack = await start_stack(b, "main")
         targets = stack.targets()
         figures = {t.name: Figures() for t in targets}
-        header = _header(plan, stack) + [f"  note: {n}" for n in b.backing.notes]
+        settings = " ".join(f"{k}={v}" for k, v in sorted(gateway_env.items()))
+        header = [*_header(plan, stack), f"  gateway settings: {settings}"]
+        header += [f"  note: {n}" for n in b.backing.notes]
         print("\n".join(header), flush=True)
         host = HostLoad([stack.sim.pid, stack.relay.pid, stack.gateway.pid])
         await _measure_rss(plan, stack, figures)
