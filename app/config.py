@@ -85,6 +85,21 @@ class Settings(RedisSettings, DatabaseSettings):
     trust_forwarded_for: bool = Field(default=False, alias="GATEWAY_TRUST_FORWARDED_FOR")
     # Refuse /admin/v1/ with 403 unless the request came through a TLS-terminating proxy.
     admin_require_tls_proxy: bool = Field(default=False, alias="GATEWAY_ADMIN_REQUIRE_TLS_PROXY")
+    # A socket with no response in flight and no client frame for this long is closed (1000,
+    # "idle timeout"); 0: never. An hour, not minutes: an agent or Codex session sits idle while
+    # its user reads, thinks or steps away, and a close costs its next turn a new socket and,
+    # since the conversation memory goes with the socket, a full-context resend after
+    # previous_response_not_found. OpenAI ends its own sockets at 60 minutes, so clients built
+    # for it expect no more. What it bounds: a socket whose client vanished without a FIN
+    # (laptop lid, NAT timeout) holding its slot, its key's and team's socket caps and its
+    # memory until the kernel's keep-alive (over two hours with Linux defaults). Pings do not
+    # count as frames (aiohttp answers them).
+    idle_socket_seconds: float = Field(default=3600, alias="GATEWAY_IDLE_SOCKET_SECONDS", ge=0)
+    # The longest life of one socket (1000, "socket lifetime reached"), reached at a turn
+    # boundary: at once when idle, right after the terminal event when a response is in flight,
+    # never mid-response; 0: no limit. A day: an agent loop that never idles reconnects once a
+    # day, and no socket outlives the key rotations, team changes and deploys of a week.
+    max_socket_seconds: float = Field(default=86400, alias="GATEWAY_MAX_SOCKET_SECONDS", ge=0)
     # Bytes waiting to go to one client; past it the client is not reading: closed with 1008.
     max_pending_bytes: int = Field(default=32 * MIB, alias="GATEWAY_MAX_PENDING_BYTES", gt=0)
     http_fallback: bool = Field(default=True, alias="GATEWAY_HTTP_FALLBACK")

@@ -17,7 +17,7 @@ from app.keystore import Principal, secret_status
 from app.models import ApiKey, Team
 from app.node import NODE, Node
 from app.protocol import normalize_query_model
-from app.session import Session, new_socket_id
+from app.session import CLOSE_HANDSHAKE_SECONDS, Session, new_socket_id
 
 log = logging.getLogger("gateway.handlers")
 
@@ -70,7 +70,7 @@ async def _lookup_key(
             return await _lookup_key(node, request, True)
         raise GatewayError(status)
     assert team is not None
-    node.key_cache[key.id] = key
+    node.watch_key(key)
     principal = Principal(key_id=key.id, key_prefix=key.prefix, team_id=team.id, secret_hash=digest)
     return principal, key, team
 
@@ -97,7 +97,11 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
             model = normalize_query_model(model)
         # aiohttp refuses a payload of max_msg_size itself: + 1 lets a frame of exactly the
         # limit in.
-        ws = web.WebSocketResponse(max_msg_size=node.settings.max_frame_bytes + 1, autoping=True)
+        ws = web.WebSocketResponse(
+            max_msg_size=node.settings.max_frame_bytes + 1,
+            autoping=True,
+            timeout=CLOSE_HANDSHAKE_SECONDS,
+        )
         session = Session(node, ws, principal, new_socket_id(), model)
         limits = team.limits
         taken, version = await node.store.acquire_socket(
@@ -144,7 +148,9 @@ async def _serve_socket(node: Node, request: web.Request, session: Session) -> w
             extra={
                 "socket_id": socket_id,
                 "key_prefix": principal.key_prefix,
-                "close_code": ws.close_code,
+                "close_code": session.close_code,
+                # the gateway's own words only: a client's close reason is its content
+                "close_reason": session.close_reason if session.closed_by == "gateway" else None,
                 "closed_by": session.closed_by,
             },
         )

@@ -196,27 +196,38 @@ class _Batcher:
     sockets' releases share round trips: about a quarter of the CPU per call at 64 in flight.
     Scripts are called by their SHA (EVALSHA) without redis-py's per-pipeline SCRIPT EXISTS; a
     Redis that lost them (a restart) answers NOSCRIPT, and they are loaded and the batch's
-    refused calls sent again, once.
+    refused calls sent again, once. One batch is in flight at a time: calls made meanwhile wait
+    for it (one round trip at most) and go together in the next, so the busier the node, the
+    larger the batches.
     """
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sending = False
 
     def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, future))
-        if len(self._queue) == 1:
+        if len(self._queue) == 1 and not self._sending:
             loop.call_soon(self._flush)  # after the callbacks already due in this turn
         return future
 
     def _flush(self) -> None:
+        if self._sending or not self._queue:
+            return
         batch, self._queue = self._queue, []
+        self._sending = True
         task = asyncio.create_task(self._send(batch), name="redis-batch")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._sending = False
+        self._flush()  # what queued up meanwhile
 
     async def _send(
         self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -37,6 +38,10 @@ class Node:
         self._no_sessions.set()
         # Key records of live sockets, refreshed when the store's version moves (revocation).
         self.key_cache: dict[str, ApiKey] = {}
+        # The next moment a live socket's key changes by the clock alone (it expires, or a
+        # rotated secret's grace ends); between it and a change of the store's version, no
+        # live socket's standing can change, so the 4-a-second check skips the sockets.
+        self._next_boundary: datetime | None = None
         self.draining = False
         self.http: aiohttp.ClientSession | None = None
         # Built here so it is never None for a session; it opens nothing until `start`.
@@ -84,9 +89,19 @@ class Node:
         assert self.http is not None, "node not started"
         return self.http
 
+    def watch_key(self, key: ApiKey) -> None:
+        """A socket was accepted with `key`: keep its record, and its next clock boundary."""
+        self.key_cache[key.id] = key
+        boundary = _next_boundary(key, datetime.now(UTC))
+        if boundary is not None and (self._next_boundary is None or boundary < self._next_boundary):
+            self._next_boundary = boundary
+
     async def _on_view_tick(self, changed: bool) -> None:
         if changed:
             self.pool.want(self.pooled_credentials())
+        now = datetime.now(UTC)
+        if not changed and (self._next_boundary is None or now < self._next_boundary):
+            return  # nothing moved: with 10,000 sockets, 40,000 needless checks a second
         live = {s.principal.key_id for s in self.sessions}
         if changed and live:
             try:
@@ -100,6 +115,8 @@ class Node:
                 task = asyncio.create_task(session.expel(code), name=f"expel-{session.id}")
                 self._expelling[session.id] = task
                 task.add_done_callback(self._expelled)
+        boundaries = (_next_boundary(self.key_cache[k], now) for k in live if k in self.key_cache)
+        self._next_boundary = min((b for b in boundaries if b is not None), default=None)
 
     async def _refresh_leases(self) -> None:
         from app.keystore import LEASE_REFRESH_SECONDS
@@ -127,6 +144,15 @@ class Node:
         await self.pool.close()
         if self.http:
             await self.http.close()
+
+
+def _next_boundary(key: ApiKey, now: datetime) -> datetime | None:
+    """When `key`'s standing next changes by the clock alone: it expires, or a rotated
+    secret's grace ends."""
+    moments = [old.until for old in key.old_secrets if old.until > now]
+    if key.expires_at is not None and key.expires_at > now:
+        moments.append(key.expires_at)
+    return min(moments, default=None)
 
 
 NODE = web.AppKey("node", Node)

@@ -48,6 +48,21 @@ _TYPE_PREFIX = '{"type":"'
 LIMIT_REACHED = "websocket_connection_limit_reached"
 NOT_FOUND = "previous_response_not_found"
 
+# The socket limits close at a turn boundary with 1000, the code OpenAI closes its own sockets
+# with at its 60-minute limit (UPSTREAM.md): clients written for OpenAI's WebSocket mode already
+# open a new socket for the next turn after it. 1001 stays the node's shutdown alone (CONTRACT.md
+# §6), so a dashboard tells a drain from these; the reason (and the ledger) tells them apart.
+LIMIT_CLOSE_CODE = 1000
+IDLE_REASON = "idle timeout"
+LIFETIME_REASON = "socket lifetime reached"
+DRAIN_REASON = "server shutting down"
+# How long a close the gateway starts waits for the client's close frame before it drops the
+# connection (aiohttp's close timeout, set in app/handlers.py; its default is 10 s). A client
+# answers within a round trip; app/server.py's drain waits 2 s for close frames too.
+CLOSE_HANDSHAKE_SECONDS = 2.0
+# RFC 6455's code for a connection that ended without a close frame: recorded, never sent.
+ABNORMAL_CLOSURE = 1006
+
 
 class State(enum.Enum):
     IDLE = "idle"
@@ -147,9 +162,22 @@ class Session:
         self.last_upstream_close: tuple[int | None, str | None] = (None, None)
         self.closed_by: Literal["client", "gateway"] = "client"
         self._sent_close: int | None = None  # aiohttp keeps the peer's reply code instead
+        self._sent_reason = ""
+        self._client_close: tuple[int, str] | None = None  # the client's close frame, if any
+        self.close_code: int | None = None  # as recorded, once closed
+        self.close_reason = ""
         self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
         self._last_upstream_frame = time.perf_counter()
-        self._close_after_turn: int | None = None
+        self._close_after_turn: tuple[int, str] | None = None
+        # The task reading client frames, and whether it waits in `ws.receive()` (see `close`).
+        self._reader: asyncio.Task[Any] | None = None
+        self._parked = False
+        self._handed_over: asyncio.Event | None = None  # set once the reader has closed
+        # The last client frame or the end of the last turn (the idle timeout), and one timer
+        # for both socket limits, re-armed when it fires (never per frame).
+        self._last_activity = self._opened_monotonic = time.monotonic()
+        self._limits: asyncio.TimerHandle | None = None
+        self._limits_close: asyncio.Task[None] | None = None
         self._transport: asyncio.WriteTransport | None = None
         self._max_pending = node.settings.max_pending_bytes
         self._watchdog: asyncio.TimerHandle | None = None
@@ -161,6 +189,8 @@ class Session:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"{self.state.value} -> {new.value}")
         self.state = new
+        if new is State.IDLE:
+            self._last_activity = time.monotonic()  # an idle period starts when a turn ends
 
     def info(self) -> dict[str, Any]:
         return {
@@ -188,33 +218,59 @@ class Session:
                 opened_at=self.opened_at,
             )
         )
+        self._reader = asyncio.current_task()
+        self._check_limits()  # arms the socket limits' timer
         try:
-            async for msg in self.ws:
-                if msg.type == WSMsgType.TEXT:
-                    if self._too_large(msg.data):
-                        await self.close(1009, "frame larger than the limit")
-                        break
-                    await self.on_text(msg.data)
-                elif msg.type == WSMsgType.ERROR:
-                    # aiohttp closed it: 1009 too large, 1007 bad UTF-8
-                    self.closed_by = "gateway"
-                    self._sent_close = self.ws.close_code
-                elif msg.type == WSMsgType.BINARY:
-                    if len(msg.data) > self.node.settings.max_frame_bytes:
-                        await self.close(1009, "frame larger than the limit")
-                        break
-                    await self.refuse(
-                        GatewayError(
-                            Code.INVALID_RESPONSE_CREATE,
-                            "Expected a text frame holding one JSON object, got a binary frame.",
-                        )
-                    )
-                if self.state in (State.CLOSING, State.CLOSED):
-                    break
+            await self._read_client()
+        except asyncio.CancelledError:
+            if not self._was_handed_close():
+                raise
+            await self._close_ws()
         except (ConnectionError, aiohttp.ClientError) as exc:
             log.debug("client socket %s failed: %s", self.id, exc)
         finally:
+            self._parked = False
+            if self._handed_over is not None:
+                self._handed_over.set()
             await self._finish()
+
+    async def _read_client(self) -> None:
+        ws = self.ws
+        while True:
+            self._parked = True
+            msg = await ws.receive()
+            self._parked = False
+            self._last_activity = time.monotonic()
+            if msg.type is WSMsgType.TEXT:
+                if self._too_large(msg.data):
+                    await self.close(1009, "frame larger than the limit")
+                    return
+                await self.on_text(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                if len(msg.data) > self.node.settings.max_frame_bytes:
+                    await self.close(1009, "frame larger than the limit")
+                    return
+                await self.refuse(
+                    GatewayError(
+                        Code.INVALID_RESPONSE_CREATE,
+                        "Expected a text frame holding one JSON object, got a binary frame.",
+                    )
+                )
+            elif msg.type is WSMsgType.CLOSE:  # the client's close frame; aiohttp answered it
+                self._client_close = (int(msg.data), str(msg.extra or ""))
+                return
+            elif msg.type is WSMsgType.ERROR:
+                # aiohttp closed it for a bad frame (1009 too large, 1007 bad UTF-8, 1002); any
+                # other error is the connection failing under it: the client's side.
+                if isinstance(msg.data, aiohttp.WebSocketError):
+                    self.closed_by = "gateway"
+                    self._sent_close = int(msg.data.code)
+                    self._sent_reason = str(msg.data)[:120]
+                return
+            else:  # CLOSING (this gateway's own close, handed over), CLOSED (connection gone)
+                return
+            if self.state in (State.CLOSING, State.CLOSED):
+                return
 
     def _too_large(self, data: str) -> bool:
         """aiohttp lets a compressed frame of limit + 1 bytes through (it checks `>` there and
@@ -321,14 +377,40 @@ class Session:
             transport.abort()  # its close frame sits behind what it would not read
 
     async def close(self, code: int, reason: str = "") -> None:
-        """The gateway closes the client socket."""
+        """The gateway closes the client socket, with a whole close handshake.
+
+        aiohttp's `close()`, called from another task while the reader waits in `receive()`,
+        sends the close frame and closes TCP at once, without the client's answer: a client still
+        sending then gets a reset, and aiohttp's own client reports 1006, not the code. So a close
+        started elsewhere (drain, revocation, a socket limit, a slow client, the end of a turn) is
+        handed to the reader: cancelled in `receive()`, it calls `close()` itself, which discards
+        what the client still sends until its close frame comes (CLOSE_HANDSHAKE_SECONDS at
+        most), and this waits for that. A reader busy with a frame needs no hand-over: aiohttp's
+        `close()` then waits for the answer by itself.
+        """
         if self.state in (State.CLOSING, State.CLOSED):
             return
         self.closed_by = "gateway"
         self._sent_close = code
+        self._sent_reason = reason
         self._transition(State.CLOSING)
+        reader = self._reader
+        if self._parked and reader is not None and reader is not asyncio.current_task():
+            done = self._handed_over = asyncio.Event()
+            reader.cancel()
+            await done.wait()
+            return
+        await self._close_ws()
+
+    def _was_handed_close(self) -> bool:
+        """Whether the reader's cancellation was `close`'s hand-over alone (not aiohttp's)."""
+        reader = self._reader
+        return self._handed_over is not None and reader is not None and reader.uncancel() == 0
+
+    async def _close_ws(self) -> None:
+        assert self._sent_close is not None
         with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-            await self.ws.close(code=code, message=reason.encode()[:120])
+            await self.ws.close(code=self._sent_close, message=self._sent_reason.encode()[:120])
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -412,7 +494,7 @@ class Session:
             await self._send_error(error, turn.frame.stream_id)
         self._record_turn(turn, status, response)
         if self._close_after_turn is not None and self.state is State.IDLE:
-            await self.close(self._close_after_turn, "server shutting down")
+            await self.close(*self._close_after_turn)
 
     def _record_turn(self, turn: Turn, status: str, response: dict[str, Any] | None) -> None:
         duration = time.perf_counter() - turn.started
@@ -476,6 +558,8 @@ class Session:
 
     async def _read_upstream(self, conn: UpstreamConn) -> None:
         ws = conn.ws
+        clock = time.perf_counter
+        send = self.ws.send_str
         while True:
             try:
                 msg = await ws.receive()
@@ -483,7 +567,31 @@ class Session:
                 await self._upstream_lost(conn, 1006, "upstream connection dropped")
                 return
             if msg.type is WSMsgType.TEXT:
-                if not await self._on_upstream_text(conn, msg.data):
+                text = msg.data
+                turn = self.turn
+                if (
+                    turn is not None
+                    and turn.first_event_at is not None
+                    and text.startswith(_TYPE_PREFIX)
+                    and text[9 : text.find('"', 9)] not in INSPECTED
+                ):
+                    # The hot path, inline: an event of a turn under way that the session does
+                    # not look into (a delta, say), forwarded as the same text. `_send`'s
+                    # checks, inline too: a frame of the hot path costs no call of its own.
+                    received = self._last_upstream_frame = clock()
+                    turn.events += 1
+                    transport = self._transport
+                    if transport is None or (
+                        transport.get_write_buffer_size() + len(text) <= self._max_pending
+                    ):
+                        try:
+                            await send(text)
+                        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                            return
+                    elif not await self._send(text):  # the client is not reading
+                        return
+                    turn.overhead.observe(clock() - received)
+                elif not await self._on_upstream_text(conn, text):
                     return
             elif msg.type is WSMsgType.BINARY:
                 self._last_upstream_frame = time.perf_counter()
@@ -716,9 +824,9 @@ class Session:
 
     async def drain(self) -> None:
         """SIGTERM: close at once when idle, right after the terminal event when in flight."""
-        self._close_after_turn = 1001
+        self._close_after_turn = (1001, DRAIN_REASON)
         if self.state is State.IDLE:
-            await self.close(1001, "server shutting down")
+            await self.close(1001, DRAIN_REASON)
 
     async def drain_deadline(self) -> None:
         if self.state is State.IN_FLIGHT:
@@ -729,6 +837,54 @@ class Session:
                 GatewayError(Code.SERVER_SHUTTING_DOWN),
                 turn.frame.stream_id if turn else None,
             )
+
+    # -- socket limits: idle timeout, lifetime --------------------------------------------------
+
+    def _check_limits(self) -> str | None:
+        """Why the socket must close now (idle too long, lifetime reached), else None.
+
+        When nothing is due it re-arms the one timer for the nearest deadline, as the upstream
+        watchdog does: a client frame or a turn's end only stores a time. A response in flight is
+        never cut: the idle deadline counts from the end of the turn, and a lifetime reached
+        mid-response closes the socket right after its terminal event (like a drain).
+        """
+        self._limits = None
+        if self.state is not State.IDLE and self.state is not State.IN_FLIGHT:
+            return None
+        settings = self.node.settings
+        now = time.monotonic()
+        waits: list[float] = []
+        if settings.max_socket_seconds > 0:
+            left = self._opened_monotonic + settings.max_socket_seconds - now
+            if left <= 0:
+                if self.state is State.IDLE:
+                    return LIFETIME_REASON
+                if self._close_after_turn is None:
+                    self._close_after_turn = (LIMIT_CLOSE_CODE, LIFETIME_REASON)
+                return None
+            waits.append(left)
+        if settings.idle_socket_seconds > 0:
+            left = settings.idle_socket_seconds
+            if self.state is State.IDLE:
+                left += self._last_activity - now
+                if left <= 0:
+                    return IDLE_REASON
+            waits.append(left)
+        if waits:
+            loop = asyncio.get_running_loop()
+            self._limits = loop.call_later(min(waits), self._limits_fired)
+        return None
+
+    def _limits_fired(self) -> None:
+        if self._check_limits() is not None:
+            self._limits_close = asyncio.create_task(
+                self._close_for_limits(), name=f"limits-{self.id}"
+            )
+
+    async def _close_for_limits(self) -> None:
+        reason = self._check_limits()  # again: a frame may have come in since the timer fired
+        if reason is not None:
+            await self.close(LIMIT_CLOSE_CODE, reason)
 
     async def _finish(self) -> None:
         """After the client loop: cancel the turn, record the socket, close upstream.
@@ -741,6 +897,8 @@ class Session:
         self._abort_turn("cancelled")
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._limits is not None:
+            self._limits.cancel()
         if self._upstream_reader is not None:
             self._upstream_reader.cancel()
         conn, self.upstream = self.upstream, None
@@ -748,7 +906,13 @@ class Session:
             self.last_upstream_close = (1000, "closed by the gateway with the client socket")
         self.memory.clear()
         self._transition(State.CLOSED)
-        code = self._sent_close if self.closed_by == "gateway" else self.ws.close_code
+        if self.closed_by == "gateway":
+            code, reason = self._sent_close, self._sent_reason
+        elif self._client_close is not None:
+            code, reason = self._client_close
+        else:  # the connection went without a close frame
+            code, reason = ABNORMAL_CLOSURE, "connection lost without a close frame"
+        self.close_code, self.close_reason = code, reason
         metrics.count_close(self.closed_by, code)
         self.node.ledger.record(
             SocketClosed(
@@ -756,7 +920,7 @@ class Session:
                 closed_at=now_utc(),
                 closed_by=self.closed_by,
                 close_code=code,
-                close_reason="",
+                close_reason=reason,
                 upstream_close_code=self.last_upstream_close[0],
                 upstream_close_reason=self.last_upstream_close[1],
                 turns=self.turns,

@@ -251,6 +251,9 @@ async def assert_left_mid_response(
     assert len(sockets) == 1
     row = sockets[0]
     assert row["closed_by"] == "client", dict(row)
+    # No close frame came: RFC 6455's 1006 (abnormal closure), which names that; never sent.
+    assert row["close_code"] == 1006, dict(row)
+    assert row["close_reason"] == "connection lost without a close frame"
     assert row["closed_at"] is not None and row["turns"] == 2
     turns = await fetch(
         database_url,

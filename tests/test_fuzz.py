@@ -32,7 +32,7 @@ import asyncpg
 import orjson
 import pytest
 from conftest import Gateway, Tenant
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from app.protocol import KNOWN_FIELDS
@@ -327,6 +327,12 @@ def wrong_field_creates(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     name = draw(st.sampled_from(sorted(INVALID)))
     frame: dict[str, Any] = {"type": "response.create", "model": MODEL, "input": "hi"}
     frame[name] = draw(INVALID[name])
+    # A lone surrogate somewhere makes the whole text one a strict JSON reader refuses (an error
+    # with no `param`, tested elsewhere): not a wrong field.
+    try:
+        orjson.loads(encode(frame))
+    except orjson.JSONDecodeError:
+        assume(False)
     return name, frame
 
 

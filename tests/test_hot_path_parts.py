@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from aiohttp import WSMsgType
+from conftest import Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 
 from app import metrics
@@ -218,3 +220,22 @@ async def test_closed_sockets_give_back_their_slots_together_and_a_cap_waits_for
         assert not (await store.acquire_socket(who, "ws_c", 1, 0, {}))[0]
     finally:
         await store.close()
+
+
+async def test_a_live_socket_whose_key_expires_by_the_clock_is_closed(
+    gateway: Gateway, tenant: Tenant, connect: Connect
+) -> None:
+    """The node's 4-a-second check skips the sockets while nothing can have changed; a key's
+    own expiry (no admin write, no version change) is such a change, and is not missed."""
+    soon = datetime.now(UTC) + timedelta(seconds=1.5)
+    expiring, secret = await gateway.store.create_key(tenant.team.id, expires_at=soon)
+    async with connect(key=tenant.key) as lasting, connect(key=secret) as ws:
+        await asyncio.sleep(0.6)  # some ticks pass with nothing to do
+        event = await recv(ws, timeout=5)
+        assert event["type"] == "error" and event["error"]["code"] == "api_key_expired"
+        late = datetime.now(UTC) - soon
+        assert timedelta(0) <= late < timedelta(seconds=1), late
+        assert (await ws.receive(timeout=5)).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+        assert ws.close_code == 1008
+        assert not lasting.closed
+        assert expiring.id
