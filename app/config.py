@@ -109,6 +109,9 @@ class Settings(RedisSettings, DatabaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", alias="GATEWAY_LOG_LEVEL"
     )
+    # Upstream frames the session does not look into go to the client as bytes (app/rawpath.py);
+    # false: every frame takes aiohttp's path (parsed, decoded, re-framed).
+    raw_forwarding: bool = Field(default=True, alias="GATEWAY_RAW_FORWARDING")
     # auto: uvloop when installed (app/eventloop.py), else asyncio's own loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         default="auto", alias="GATEWAY_EVENT_LOOP"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
 import uuid
@@ -29,6 +30,7 @@ from app.ledger.rows import SocketClosed, SocketOpened, TurnRecord
 from app.memory import ConversationMemory, as_items
 from app.node import Node
 from app.protocol import ClientFrame, Ignored, parse_client_frame, stream_id_of
+from app.rawpath import RawForwarder
 from app.routing import check_route
 from app.upstream import (
     UpstreamConn,
@@ -44,6 +46,7 @@ log = logging.getLogger("gateway.session")
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # The only upstream events the gateway looks into; every other event is forwarded unparsed.
 INSPECTED = TERMINAL | {"response.created", "error"}
+_INSPECTED_BYTES = frozenset(kind.encode() for kind in INSPECTED)
 _TYPE_PREFIX = '{"type":"'
 LIMIT_REACHED = "websocket_connection_limit_reached"
 NOT_FOUND = "previous_response_not_found"
@@ -182,6 +185,7 @@ class Session:
         self._max_pending = node.settings.max_pending_bytes
         self._watchdog: asyncio.TimerHandle | None = None
         self._silence: asyncio.Task[None] | None = None
+        self.raw: RawForwarder | None = None  # the current upstream socket's (app/rawpath.py)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -470,8 +474,12 @@ class Session:
                 max_msg_size=settings.upstream_max_frame_bytes,
             )
         self.upstream = conn
+        raw = None
+        if settings.raw_forwarding:
+            raw = RawForwarder.install(conn.ws, functools.partial(self.raw_frame, conn))
+        self.raw = raw
         self._upstream_reader = asyncio.create_task(
-            self._read_upstream(conn), name=f"upstream-{self.id}"
+            self._read_upstream(conn, raw), name=f"upstream-{self.id}"
         )
         return conn
 
@@ -556,11 +564,42 @@ class Session:
             self._upstream_lost(turn.conn, 1006, reason, abort=True), name=f"silent-{self.id}"
         )
 
-    async def _read_upstream(self, conn: UpstreamConn) -> None:
+    def raw_frame(self, conn: UpstreamConn, frame: bytes, head: int) -> bool:
+        """The raw hot path (app/rawpath.py): send an upstream text frame to the client as it
+        came, if it is an event of the turn under way that the session does not look into and
+        the client's buffer has room. False: it takes aiohttp's path instead."""
+        turn = self.turn
+        if (
+            turn is None
+            or turn.first_event_at is None
+            or turn.conn is not conn
+            or not frame.startswith(b'{"type":"', head)
+            or frame[head + 9 : frame.find(b'"', head + 9)] in _INSPECTED_BYTES
+        ):
+            return False
+        transport = self._transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or self.state is not State.IN_FLIGHT
+            or transport.get_write_buffer_size() + len(frame) > self._max_pending
+        ):
+            return False
+        received = self._last_upstream_frame = time.perf_counter()
+        transport.write(frame)
+        turn.events += 1
+        turn.overhead.observe(time.perf_counter() - received)
+        return True
+
+    async def _read_upstream(self, conn: UpstreamConn, raw: RawForwarder | None = None) -> None:
         ws = conn.ws
         clock = time.perf_counter
         send = self.ws.send_str
+        handled = False
         while True:
+            if handled and raw is not None and raw.pending:
+                raw.pending -= 1  # the last message is done with: raw frames may pass again
+            handled = True
             try:
                 msg = await ws.receive()
             except (ConnectionError, aiohttp.ClientError, RuntimeError):

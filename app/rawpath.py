@@ -1,0 +1,122 @@
+"""The raw hot path: upstream frames the session does not look into go to the client as bytes.
+
+OpenAI's frames to the gateway are server frames, unmasked, and so are the gateway's frames to its
+client: an upstream text frame is already a valid frame for the client, byte for byte. aiohttp's
+path parses it, decodes its payload to `str`, wakes the session's reader task, and the session
+encodes it back and builds a new frame around it. `RawForwarder` sits in front of aiohttp's
+`WebSocketReader` (as the upstream connection's payload parser) and, for each complete frame,
+asks the session (`Session.raw_frame`) whether it may go to the client's transport as it came.
+
+The session says yes only for an unfragmented text frame of at most `RAW_MAX` bytes that is not
+one of the events it inspects, of the turn under way (after its first event), while the client's
+buffer has room, and while no earlier frame is still on aiohttp's path (`pending`): frames reach
+the client in the order OpenAI sent them. Everything else (control frames, fragments, the
+inspected events, large frames, anything when the session is not streaming) is handed to
+aiohttp's reader unchanged, in order, and takes the usual path: `_read_upstream`.
+
+`pending` counts the messages handed to aiohttp that the session's reader has not finished with;
+the reader lowers it after each message it has handled (`Session._read_upstream`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+# Frames over this size take aiohttp's path (which enforces the upstream frame limit); small
+# frames are buffered here until complete.
+RAW_MAX = 64 * 1024
+_FIN = 0x80
+_OPCODE = 0x0F
+_MASKED = 0x80
+# Opcodes whose final frame the reader sees as a message: continuation, text, binary, close.
+_MESSAGES = frozenset({0x0, 0x1, 0x2, 0x8})
+_TEXT_FINAL = 0x81  # FIN, no RSV bits (no compression), text
+
+Sink = Callable[[bytes, int], bool]
+
+
+class RawForwarder:
+    """The upstream connection's payload parser: splits frames, forwards or hands them on."""
+
+    __slots__ = ("_buf", "_inner", "_sink", "_skip", "forwarded", "pending")
+
+    def __init__(self, inner: Any, sink: Sink) -> None:
+        self._inner = inner  # aiohttp's WebSocketReader
+        self._sink = sink
+        self._buf = b""  # the start of a frame not complete yet
+        self._skip = 0  # bytes of a frame already handed on in part, still to come
+        self.pending = 0
+        self.forwarded = 0  # frames that went to the client as bytes
+
+    @classmethod
+    def install(cls, ws: Any, sink: Sink) -> RawForwarder | None:
+        """Put a forwarder in front of `ws`'s reader; None where aiohttp is not as expected."""
+        connection = getattr(ws, "_conn", None)
+        protocol = getattr(connection, "protocol", None)
+        inner = getattr(protocol, "_payload_parser", None)
+        if protocol is None or inner is None or inner is not getattr(ws, "_parser", None):
+            return None
+        forwarder = cls(inner, sink)
+        queued = getattr(getattr(ws, "_reader", None), "_buffer", ())
+        forwarder.pending = len(queued)  # what aiohttp holds already comes first
+        protocol._payload_parser = forwarder
+        return forwarder
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        """aiohttp's parser contract: (protocol error, tail)."""
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            if self._inner.feed_data(data[:n])[0]:
+                return True, b""
+            data = data[n:]
+        if self._buf:
+            data, self._buf = self._buf + data, b""
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            b0, b1 = data[pos], data[pos + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
+                minimal = length >= 126
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
+                minimal = length > 0xFFFF
+            else:
+                minimal = True
+            total = head + length
+            candidate = b0 == _TEXT_FINAL and not b1 & _MASKED and minimal and length <= RAW_MAX
+            if not candidate:
+                chunk = min(total, end - pos)
+                if self._hand_on(data[pos : pos + chunk], b0):
+                    return True, b""
+                self._skip = total - chunk
+                pos += chunk
+                continue
+            if end - pos < total:
+                break  # wait for the rest of a small frame
+            frame = data[pos : pos + total]
+            pos += total
+            if self.pending or not self._sink(frame, head):
+                if self._hand_on(frame, b0):
+                    return True, b""
+            else:
+                self.forwarded += 1
+        if pos < end:
+            self._buf = data[pos:]
+        return False, b""
+
+    def _hand_on(self, chunk: bytes, b0: int) -> bool:
+        """Give (the start of) a frame to aiohttp's reader; True on its protocol error."""
+        if b0 & _FIN and b0 & _OPCODE in _MESSAGES:
+            self.pending += 1
+        error, _tail = self._inner.feed_data(chunk)
+        return bool(error)

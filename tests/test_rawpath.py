@@ -1,0 +1,189 @@
+"""The raw hot path (app/rawpath.py): frames forwarded as bytes, in order, unchanged.
+
+The splitter is tested in front of aiohttp's own reader (its Cython `WebSocketReader` and
+`WebSocketDataQueue`, fed bytes the way aiohttp's client protocol feeds them), with byte streams
+cut at every place; the session's use of it over real sockets through the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import struct
+
+import orjson
+import pytest
+from aiohttp import WebSocketError, WSMsgType
+from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+from aiohttp.client_proto import ResponseHandler
+from conftest import Connect, Gateway, create, recv, send, until_terminal
+
+from app.rawpath import RAW_MAX, RawForwarder
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, wide: bool = False) -> bytes:
+    """A server frame (unmasked); `wide`: a 64-bit length where 16 bits would do."""
+    b0 = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    if wide:
+        head = struct.pack("!BBQ", b0, 127, n)
+    elif n < 126:
+        head = struct.pack("!BB", b0, n)
+    elif n <= 0xFFFF:
+        head = struct.pack("!BBH", b0, 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, 127, n)
+    return head + payload
+
+
+def event(kind: str, i: int, pad: int = 0) -> bytes:
+    return orjson.dumps({"type": kind, "sequence_number": i, "delta": "x" * pad})
+
+
+STREAM = [
+    frame(0x9, b"ping"),  # control: aiohttp answers it, the session never sees it
+    frame(0x1, event("response.created", 0)),  # inspected
+    frame(0x1, event("response.output_text.delta", 1)),
+    frame(0x1, event("response.output_text.delta", 2, 200)),  # 16-bit length
+    frame(0x1, event("response.output_text.delta", 3, RAW_MAX + 10)),  # too large: aiohttp's
+    frame(0x1, event("response.output_text.delta", 4)),
+    frame(0x1, event("response.output_text.delta", 5)[:20], fin=False),  # fragmented
+    frame(0x0, event("response.output_text.delta", 5)[20:]),
+    frame(0x1, event("response.output_text.delta", 6), wide=True),  # not minimal: aiohttp's
+    frame(0x1, event("response.output_text.delta", 7)),
+    frame(0x1, event("response.output_text.delta", 8)),
+    frame(0x1, event("response.completed", 9)),  # inspected
+]
+
+
+async def _replay(cuts: list[int], accept: bool) -> tuple[list[int], list[int], int]:
+    """Feed STREAM cut at `cuts`; the sink takes what is not inspected when `accept`. Returns
+    the sequence numbers in the order the client would see them, those that went raw, and the
+    pings aiohttp saw."""
+    loop = asyncio.get_running_loop()
+    protocol = ResponseHandler(loop)
+    queue = WebSocketDataQueue(protocol, 2**16, loop=loop)
+    inner = WebSocketReader(queue, 2**20, False, True)
+    seen: list[int] = []
+    raw: list[int] = []
+
+    def sink(data: bytes, head: int) -> bool:
+        assert forwarder.pending == 0, "a raw frame would overtake one on aiohttp's path"
+        body = orjson.loads(data[head:])
+        if not accept or body["type"] in ("response.created", "response.completed"):
+            return False
+        assert data in STREAM  # the bytes as they came
+        seen.append(body["sequence_number"])
+        raw.append(body["sequence_number"])
+        return True
+
+    forwarder = RawForwarder(inner, sink)
+    stream = b"".join(STREAM)
+    pings = 0
+    edges = [0, *sorted(cuts), len(stream)]
+    for start, end in itertools.pairwise(edges):
+        error, _ = forwarder.feed_data(stream[start:end])
+        assert not error
+        # The session's reader: handles what aiohttp queued, one message at a time.
+        while queue._buffer:
+            msg = await queue.read()
+            if msg.type is WSMsgType.PING:
+                pings += 1
+                continue
+            seen.append(orjson.loads(msg.data)["sequence_number"])
+            forwarder.pending -= 1
+    assert forwarder.pending == 0 and forwarder.forwarded == len(raw)
+    return seen, raw, pings
+
+
+async def test_frames_reach_the_client_in_order_whatever_the_cuts() -> None:
+    stream_length = len(b"".join(STREAM))
+    rng = random.Random(6)
+    for trial in range(300):
+        if trial < 40:  # a cut at each place near the start (headers split byte by byte)
+            cuts = [trial + 1]
+        else:
+            cuts = rng.sample(range(1, stream_length), rng.randint(1, 30))
+        for accept in (True, False):
+            seen, raw, pings = await _replay(cuts, accept)
+            assert seen == list(range(10)), (cuts, accept, seen)
+            assert pings == 1
+            if not accept:
+                assert raw == []
+    # Fed whole, nothing goes raw: `created` is on aiohttp's path, so all after it wait.
+    _seen, raw, _pings = await _replay([], True)
+    assert raw == []
+    # Fed a frame at a time, the session's reader draining in between: the unfragmented, small,
+    # minimal, uninspected ones go raw; 3 (too large), 5 (fragmented), 6 (not minimal) do not.
+    boundaries = list(itertools.accumulate(len(f) for f in STREAM))[:-1]
+    _seen, raw, _pings = await _replay(boundaries, True)
+    assert raw == [1, 2, 4, 7, 8]
+
+
+async def test_odd_frames_are_aiohttps_to_judge() -> None:
+    """A masked frame (servers do not mask) is never sent on as it came; a frame aiohttp
+    refuses (reserved bits without an extension) is its protocol error to report."""
+    loop = asyncio.get_running_loop()
+    queue = WebSocketDataQueue(ResponseHandler(loop), 2**16, loop=loop)
+    forwarder = RawForwarder(WebSocketReader(queue, 2**20, False, True), lambda d, h: True)
+    masked = bytes([0x81, 0x80 | 2]) + b"\x01\x02\x03\x04" + bytes([ord("h") ^ 1, ord("i") ^ 2])
+    error, _ = forwarder.feed_data(masked)
+    assert not error and forwarder.forwarded == 0 and forwarder.pending == 1
+    assert (await queue.read()).data == "hi"
+    error, _ = forwarder.feed_data(bytes([0xC1, 2]) + b"hi")
+    assert error
+    with pytest.raises(WebSocketError, match="reserved bits"):
+        await queue.read()  # what the session's `receive()` turns into an ERROR message
+
+
+async def test_deltas_go_raw_through_the_gateway_and_arrive_whole(
+    gateway: Gateway, connect: Connect
+) -> None:
+    async with connect() as ws:
+        for _ in range(2):
+            await send(ws, create(metadata={"sim_deltas": "60"}))
+            events = await until_terminal(ws)
+            numbers = [e["sequence_number"] for e in events]
+            assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+            assert events[-1]["type"] == "response.completed"
+            deltas = "".join(
+                e["delta"] for e in events if e["type"] == "response.output_text.delta"
+            )
+            done = next(e for e in events if e["type"] == "response.output_text.done")
+            assert deltas == done["text"]
+        (session,) = gateway.node.sessions
+        assert session.raw is not None
+        # Most deltas: not the first event of a turn, not the inspected ones (created,
+        # completed), nor those that came in one read behind one of those (order first).
+        assert session.raw.forwarded > 60, session.raw.forwarded
+
+
+@pytest.mark.parametrize("settings_overrides", [{"GATEWAY_RAW_FORWARDING": False}])
+async def test_raw_forwarding_off_takes_aiohttps_path(gateway: Gateway, connect: Connect) -> None:
+    async with connect() as ws:
+        await send(ws, create(metadata={"sim_deltas": "30"}))
+        events = await until_terminal(ws)
+        assert events[-1]["type"] == "response.completed"
+        (session,) = gateway.node.sessions
+        assert session.raw is None
+
+
+async def test_a_model_check_still_answers_while_deltas_go_raw(
+    gateway: Gateway, connect: Connect
+) -> None:
+    """A refused frame mid-stream gets its error; the stream goes on, whole and in order."""
+    async with connect() as ws:
+        await send(ws, create(metadata={"sim_deltas": "200", "sim_delay_ms": "2"}))
+        first = await recv(ws)
+        assert first["type"] == "response.created"
+        await send(ws, create())  # a second response.create while one is in flight
+        events = [first]
+        while events[-1]["type"] != "response.completed":  # the error is not this turn's end
+            events.append(await recv(ws))
+        errors = [e for e in events if e["type"] == "error"]
+        assert [e["error"]["code"] for e in errors] == ["response_already_in_flight"]
+        rest = [e for e in events if e["type"] != "error"]
+        numbers = [e["sequence_number"] for e in rest]
+        assert numbers == list(range(len(rest)))
+        assert rest[-1]["type"] == "response.completed"
