@@ -1,4 +1,4 @@
-"""The raw hot path: upstream frames the session does not look into go to the client as bytes.
+"""The raw hot path: upstream frames the session needs no task for go to the client as bytes.
 
 OpenAI's frames to the gateway are server frames, unmasked, and so are the gateway's frames to its
 client: an upstream text frame is already a valid frame for the client, byte for byte. aiohttp's
@@ -7,12 +7,13 @@ encodes it back and builds a new frame around it. `RawForwarder` sits in front o
 `WebSocketReader` (as the upstream connection's payload parser) and, for each complete frame,
 asks the session (`Session.raw_frame`) whether it may go to the client's transport as it came.
 
-The session says yes only for an unfragmented text frame of at most `RAW_MAX` bytes that is not
-one of the events it inspects, of the turn under way (after its first event), while the client's
-buffer has room, and while no earlier frame is still on aiohttp's path (`pending`): frames reach
-the client in the order OpenAI sent them. Everything else (control frames, fragments, the
-inspected events, large frames, anything when the session is not streaming) is handed to
-aiohttp's reader unchanged, in order, and takes the usual path: `_read_upstream`.
+The session says yes for an unfragmented text frame of at most `RAW_MAX` bytes of the turn under
+way that needs nothing awaited (every event but the terminal ones and `error`: `response.created`
+and the first event's bookkeeping are done on the spot), while the client's buffer has room, and
+while no earlier frame is still on aiohttp's path (`pending`): frames reach the client in the
+order OpenAI sent them. Everything else (control frames, fragments, the terminal events and
+errors, large frames, anything when the session is not streaming) is handed to aiohttp's reader
+unchanged, in order, contiguous runs in one call, and takes the usual path: `_read_upstream`.
 
 `pending` counts the messages handed to aiohttp that the session's reader has not finished with;
 the reader lowers it after each message it has handled (`Session._read_upstream`).
@@ -32,8 +33,10 @@ _MASKED = 0x80
 # Opcodes whose final frame the reader sees as a message: continuation, text, binary, close.
 _MESSAGES = frozenset({0x0, 0x1, 0x2, 0x8})
 _TEXT_FINAL = 0x81  # FIN, no RSV bits (no compression), text
+_PINGS = frozenset({0x9, 0xA})
 
-Sink = Callable[[bytes, int], bool]
+# (data, frame start, payload start, frame end) -> True when the frame went to the client.
+Sink = Callable[[bytes, int, int, int], bool]
 
 
 class RawForwarder:
@@ -77,6 +80,7 @@ class RawForwarder:
         if self._buf:
             data, self._buf = self._buf + data, b""
         pos, end = 0, len(data)
+        run = -1  # start of a run of frames to hand on together
         while end - pos >= 2:
             b0, b1 = data[pos], data[pos + 1]
             length, head = b1 & 0x7F, 2
@@ -93,30 +97,38 @@ class RawForwarder:
             else:
                 minimal = True
             total = head + length
-            candidate = b0 == _TEXT_FINAL and not b1 & _MASKED and minimal and length <= RAW_MAX
-            if not candidate:
-                chunk = min(total, end - pos)
-                if self._hand_on(data[pos : pos + chunk], b0):
-                    return True, b""
-                self._skip = total - chunk
-                pos += chunk
-                continue
-            if end - pos < total:
+            small_text = b0 == _TEXT_FINAL and not b1 & _MASKED and minimal and length <= RAW_MAX
+            if small_text and end - pos < total:
                 break  # wait for the rest of a small frame
-            frame = data[pos : pos + total]
-            pos += total
-            if self.pending or not self._sink(frame, head):
-                if self._hand_on(frame, b0):
-                    return True, b""
-            else:
+            if (
+                small_text
+                and run < 0
+                and not self.pending
+                and self._sink(data, pos, pos + head, pos + total)
+            ):
                 self.forwarded += 1
+                pos += total
+                continue
+            if run < 0 and b0 & _OPCODE in _PINGS and end - pos >= total:
+                # A ping or pong is aiohttp's to answer and never a message: handed on alone,
+                # it holds nothing up.
+                if self._inner.feed_data(data[pos : pos + total])[0]:
+                    return True, b""
+                pos += total
+                continue
+            # aiohttp's: joins the run handed on in one call (the rest of this frame, if it is
+            # not all here, goes straight on as it comes).
+            if run < 0:
+                run = pos
+            if b0 & _FIN and b0 & _OPCODE in _MESSAGES:
+                self.pending += 1
+            if end - pos < total:
+                self._skip = total - (end - pos)
+                pos = end
+                break
+            pos += total
+        if run >= 0 and self._inner.feed_data(data[run:pos])[0]:
+            return True, b""
         if pos < end:
             self._buf = data[pos:]
         return False, b""
-
-    def _hand_on(self, chunk: bytes, b0: int) -> bool:
-        """Give (the start of) a frame to aiohttp's reader; True on its protocol error."""
-        if b0 & _FIN and b0 & _OPCODE in _MESSAGES:
-            self.pending += 1
-        error, _tail = self._inner.feed_data(chunk)
-        return bool(error)

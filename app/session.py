@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiohttp
 import orjson
@@ -46,8 +46,10 @@ log = logging.getLogger("gateway.session")
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # The only upstream events the gateway looks into; every other event is forwarded unparsed.
 INSPECTED = TERMINAL | {"response.created", "error"}
-_INSPECTED_BYTES = frozenset(kind.encode() for kind in INSPECTED)
+# The events whose handling awaits (the turn's end, retries): never on the raw path.
+_AWAITED_BYTES = frozenset(kind.encode() for kind in (*TERMINAL, "error"))
 _TYPE_PREFIX = '{"type":"'
+_TYPE_BYTES = _TYPE_PREFIX.encode()
 LIMIT_REACHED = "websocket_connection_limit_reached"
 NOT_FOUND = "previous_response_not_found"
 
@@ -344,11 +346,16 @@ class Session:
             await self.close(err.spec.close_code, err.code)
 
     def watch_outbound(self, transport: asyncio.BaseTransport | None) -> None:
-        """Let the client's buffer grow to the limit, so a full one is seen, not waited on."""
-        if isinstance(transport, asyncio.WriteTransport):
-            limit = self.node.settings.max_pending_bytes
-            transport.set_write_buffer_limits(high=limit)
-            self._transport = transport
+        """Let the client's buffer grow to the limit, so a full one is seen, not waited on.
+
+        By what it can do, not by class: uvloop's transports are no `asyncio.WriteTransport`
+        (an isinstance check here left a slow client unguarded on uvloop)."""
+        if hasattr(transport, "set_write_buffer_limits") and hasattr(
+            transport, "get_write_buffer_size"
+        ):
+            writable = cast(asyncio.WriteTransport, transport)
+            writable.set_write_buffer_limits(high=self.node.settings.max_pending_bytes)
+            self._transport = writable
 
     async def _send(self, text: str) -> bool:
         if self.ws.closed:
@@ -564,29 +571,38 @@ class Session:
             self._upstream_lost(turn.conn, 1006, reason, abort=True), name=f"silent-{self.id}"
         )
 
-    def raw_frame(self, conn: UpstreamConn, frame: bytes, head: int) -> bool:
-        """The raw hot path (app/rawpath.py): send an upstream text frame to the client as it
-        came, if it is an event of the turn under way that the session does not look into and
-        the client's buffer has room. False: it takes aiohttp's path instead."""
+    def raw_frame(
+        self, conn: UpstreamConn, data: bytes, start: int, payload: int, end: int
+    ) -> bool:
+        """The raw hot path (app/rawpath.py): send the upstream text frame `data[start:end]` to
+        the client as it came, if it is an event of the turn under way that needs nothing
+        awaited (not a terminal event, not an error) and the client's buffer has room. The
+        bookkeeping `_on_upstream_text` does for such an event is done here. False: it takes
+        aiohttp's path instead."""
         turn = self.turn
-        if (
-            turn is None
-            or turn.first_event_at is None
-            or turn.conn is not conn
-            or not frame.startswith(b'{"type":"', head)
-            or frame[head + 9 : frame.find(b'"', head + 9)] in _INSPECTED_BYTES
-        ):
+        if turn is None or turn.conn is not conn or not data.startswith(_TYPE_BYTES, payload):
+            return False
+        kind = data[payload + 9 : data.find(b'"', payload + 9, end)]
+        if kind in _AWAITED_BYTES:
             return False
         transport = self._transport
         if (
             transport is None
             or transport.is_closing()
             or self.state is not State.IN_FLIGHT
-            or transport.get_write_buffer_size() + len(frame) > self._max_pending
+            or transport.get_write_buffer_size() + (end - start) > self._max_pending
         ):
             return False
         received = self._last_upstream_frame = time.perf_counter()
-        transport.write(frame)
+        if kind == b"response.created":
+            try:
+                turn.response_id = _response_id(orjson.loads(data[payload:end]))
+            except orjson.JSONDecodeError:
+                return False
+        if turn.first_event_at is None:
+            turn.first_event_at = received
+            metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
+        transport.write(data[start:end])
         turn.events += 1
         turn.overhead.observe(time.perf_counter() - received)
         return True
