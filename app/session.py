@@ -590,6 +590,7 @@ class Session:
             transport is None
             or transport.is_closing()
             or self.state is not State.IN_FLIGHT
+            or self.ws.closed  # a close frame went out (aiohttp's answer to the client's)
             or transport.get_write_buffer_size() + (end - start) > self._max_pending
         ):
             return False
