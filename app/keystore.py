@@ -382,16 +382,6 @@ class KeyStore:
         raw = await self._call(self.redis.hgetall(self.k("catalog")))
         return {_s(m): Price.model_validate_json(p) for m, p in raw.items()}
 
-    async def lookup_secret(self, secret: str) -> tuple[ApiKey, str] | None:
-        found, _version = await self.lookup_secret_versioned(secret)
-        return found
-
-    async def lookup_secret_versioned(self, secret: str) -> tuple[tuple[ApiKey, str] | None, int]:
-        """The key of a secret (and the secret's hash), and the store's version."""
-        digest = hash_secret(secret)
-        key, version = await self.lookup_digest(digest)
-        return (None if key is None else (key, digest)), version
-
     async def lookup_digest(self, digest: str) -> tuple[ApiKey | None, int]:
         """The key whose secret hashes to `digest`, and the store's version."""
         raw, version = await self._call(
@@ -658,7 +648,8 @@ class NodeView:
     async def lookup_secret(
         self, secret: str, *, fresh: bool = False
     ) -> tuple[tuple[ApiKey, str] | None, int]:
-        """`KeyStore.lookup_secret_versioned`, without a round trip for a secret seen since
+        """The key of a secret (and the secret's hash) and the store's version
+        (`KeyStore.lookup_digest`), without a round trip for a secret seen since
         the store's version last moved.
 
         Every admin write bumps the version, which this view reads 4 times a second; a secret

@@ -179,9 +179,10 @@ class Tally:
     holds exactly what observing each value would have left in it (tests/test_units.py).
     """
 
-    __slots__ = ("_bounds", "counts", "total")
+    __slots__ = ("_bounds", "_histogram", "counts", "total")
 
     def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
         self._bounds: list[float] = histogram._upper_bounds
         self.counts = [0] * len(self._bounds)
         self.total = 0.0
@@ -190,10 +191,11 @@ class Tally:
         self.counts[bisect_left(self._bounds, value)] += 1
         self.total += value
 
-    def flush(self, histogram: Histogram) -> None:
-        """Add the tally to `histogram` (the one it was made for) and start again from zero."""
+    def flush(self) -> None:
+        """Add the tally to its histogram and start again from zero."""
         if not any(self.counts):
             return
+        histogram = self._histogram
         buckets = histogram._buckets
         for i, count in enumerate(self.counts):
             if count:

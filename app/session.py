@@ -518,7 +518,7 @@ class Session:
         usage_fields = charge(self.node.view.view.catalog, model, self.principal.team_id, usage)
         metrics.responses(model, status).inc()
         metrics.RESPONSE_DURATION.observe(duration)
-        turn.overhead.flush(metrics.OVERHEAD)
+        turn.overhead.flush()
         ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
         log.info(
             "response",
@@ -610,8 +610,6 @@ class Session:
 
     async def _read_upstream(self, conn: UpstreamConn, raw: RawForwarder | None = None) -> None:
         ws = conn.ws
-        clock = time.perf_counter
-        send = self.ws.send_str
         handled = False
         while True:
             if handled and raw is not None and raw.pending:
@@ -623,31 +621,8 @@ class Session:
                 await self._upstream_lost(conn, 1006, "upstream connection dropped")
                 return
             if msg.type is WSMsgType.TEXT:
-                text = msg.data
-                turn = self.turn
-                if (
-                    turn is not None
-                    and turn.first_event_at is not None
-                    and text.startswith(_TYPE_PREFIX)
-                    and text[9 : text.find('"', 9)] not in INSPECTED
-                ):
-                    # The hot path, inline: an event of a turn under way that the session does
-                    # not look into (a delta, say), forwarded as the same text. `_send`'s
-                    # checks, inline too: a frame of the hot path costs no call of its own.
-                    received = self._last_upstream_frame = clock()
-                    turn.events += 1
-                    transport = self._transport
-                    if transport is None or (
-                        transport.get_write_buffer_size() + len(text) <= self._max_pending
-                    ):
-                        try:
-                            await send(text)
-                        except (ConnectionError, RuntimeError, aiohttp.ClientError):
-                            return
-                    elif not await self._send(text):  # the client is not reading
-                        return
-                    turn.overhead.observe(clock() - received)
-                elif not await self._on_upstream_text(conn, text):
+                # The hot path is app/rawpath.py; frames here are the few it hands on.
+                if not await self._on_upstream_text(conn, msg.data):
                     return
             elif msg.type is WSMsgType.BINARY:
                 self._last_upstream_frame = time.perf_counter()

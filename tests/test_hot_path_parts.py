@@ -55,9 +55,9 @@ def test_a_flushed_tally_equals_observing_each_value() -> None:
         one_by_one.observe(value)
         tally.observe(value)
         if i % 777 == 0:
-            tally.flush(tallied)  # several turns' worth, not one
-    tally.flush(tallied)
-    tally.flush(tallied)  # nothing left: adds nothing
+            tally.flush()  # several turns' worth, not one
+    tally.flush()
+    tally.flush()  # nothing left: adds nothing
     got = {(name[1:], le): v for (name, le), v in _samples(tallied).items()}
     want = {(name[1:], le): v for (name, le), v in _samples(one_by_one).items()}
     assert got.keys() == want.keys()
