@@ -187,9 +187,9 @@ class Tally:
         self.counts = [0] * len(self._bounds)
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self._bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect_left(self._bounds, value)] += times
+        self.total += value * times
 
     def flush(self) -> None:
         """Add the tally to its histogram and start again from zero."""

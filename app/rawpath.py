@@ -11,9 +11,13 @@ The session says yes for an unfragmented text frame of at most `RAW_MAX` bytes o
 way that needs nothing awaited (every event but the terminal ones and `error`: `response.created`
 and the first event's bookkeeping are done on the spot), while the client's buffer has room, and
 while no earlier frame is still on aiohttp's path (`pending`): frames reach the client in the
-order OpenAI sent them. Everything else (control frames, fragments, the terminal events and
-errors, large frames, anything when the session is not streaming) is handed to aiohttp's reader
-unchanged, in order, contiguous runs in one call, and takes the usual path: `_read_upstream`.
+order OpenAI sent them. Frames that go raw one after another in the bytes of one read are one
+run of those bytes, and go to the client in one write (`Write`): OpenAI sent them together, and
+a write per frame was a send(2) per event, most of the gateway's CPU at saturation.
+
+Everything else (control frames, fragments, the terminal events and errors, large frames,
+anything when the session is not streaming) is handed to aiohttp's reader unchanged, in order,
+contiguous runs in one call, and takes the usual path: `_read_upstream`.
 
 `pending` counts the messages handed to aiohttp that the session's reader has not finished with;
 the reader lowers it after each message it has handled (`Session._read_upstream`).
@@ -21,6 +25,7 @@ the reader lowers it after each message it has handled (`Session._read_upstream`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,32 +40,37 @@ _MESSAGES = frozenset({0x0, 0x1, 0x2, 0x8})
 _TEXT_FINAL = 0x81  # FIN, no RSV bits (no compression), text
 _PINGS = frozenset({0x9, 0xA})
 
-# (data, frame start, payload start, frame end) -> True when the frame went to the client.
+# (data, frame start, payload start, frame end) -> True when the frame may go to the client as
+# it came (then it is part of the next `Write`).
 Sink = Callable[[bytes, int, int, int], bool]
+# (bytes of consecutive frames the sink took, how many frames, when their read came in, from
+# time.perf_counter): to the client, in one write.
+Write = Callable[[bytes, int, float], None]
 
 
 class RawForwarder:
     """The upstream connection's payload parser: splits frames, forwards or hands them on."""
 
-    __slots__ = ("_buf", "_inner", "_sink", "_skip", "forwarded", "pending")
+    __slots__ = ("_buf", "_inner", "_sink", "_skip", "_write", "forwarded", "pending")
 
-    def __init__(self, inner: Any, sink: Sink) -> None:
+    def __init__(self, inner: Any, sink: Sink, write: Write) -> None:
         self._inner = inner  # aiohttp's WebSocketReader
         self._sink = sink
+        self._write = write
         self._buf = b""  # the start of a frame not complete yet
         self._skip = 0  # bytes of a frame already handed on in part, still to come
         self.pending = 0
         self.forwarded = 0  # frames that went to the client as bytes
 
     @classmethod
-    def install(cls, ws: Any, sink: Sink) -> RawForwarder | None:
+    def install(cls, ws: Any, sink: Sink, write: Write) -> RawForwarder | None:
         """Put a forwarder in front of `ws`'s reader; None where aiohttp is not as expected."""
         connection = getattr(ws, "_conn", None)
         protocol = getattr(connection, "protocol", None)
         inner = getattr(protocol, "_payload_parser", None)
         if protocol is None or inner is None or inner is not getattr(ws, "_parser", None):
             return None
-        forwarder = cls(inner, sink)
+        forwarder = cls(inner, sink, write)
         queued = getattr(getattr(ws, "_reader", None), "_buffer", ())
         forwarder.pending = len(queued)  # what aiohttp holds already comes first
         protocol._payload_parser = forwarder
@@ -71,6 +81,7 @@ class RawForwarder:
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         """aiohttp's parser contract: (protocol error, tail)."""
+        received = time.perf_counter()
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
@@ -81,6 +92,7 @@ class RawForwarder:
             data, self._buf = self._buf + data, b""
         pos, end = 0, len(data)
         run = -1  # start of a run of frames to hand on together
+        out, taken = -1, 0  # start and length of a run of frames the sink took
         while end - pos >= 2:
             b0, b1 = data[pos], data[pos + 1]
             length, head = b1 & 0x7F, 2
@@ -106,9 +118,14 @@ class RawForwarder:
                 and not self.pending
                 and self._sink(data, pos, pos + head, pos + total)
             ):
-                self.forwarded += 1
+                if out < 0:
+                    out = pos
+                taken += 1
                 pos += total
                 continue
+            if out >= 0:  # what the sink took so far goes before anything else
+                self._flush(data[out:pos], taken, received)
+                out, taken = -1, 0
             if run < 0 and b0 & _OPCODE in _PINGS and end - pos >= total:
                 # A ping or pong is aiohttp's to answer and never a message: handed on alone,
                 # it holds nothing up.
@@ -127,8 +144,14 @@ class RawForwarder:
                 pos = end
                 break
             pos += total
+        if out >= 0:
+            self._flush(data[out:pos], taken, received)
         if run >= 0 and self._inner.feed_data(data[run:pos])[0]:
             return True, b""
         if pos < end:
             self._buf = data[pos:]
         return False, b""
+
+    def _flush(self, frames: bytes, count: int, received: float) -> None:
+        self.forwarded += count
+        self._write(frames, count, received)

@@ -483,7 +483,9 @@ class Session:
         self.upstream = conn
         raw = None
         if settings.raw_forwarding:
-            raw = RawForwarder.install(conn.ws, functools.partial(self.raw_frame, conn))
+            raw = RawForwarder.install(
+                conn.ws, functools.partial(self.raw_frame, conn), self.raw_write
+            )
         self.raw = raw
         self._upstream_reader = asyncio.create_task(
             self._read_upstream(conn, raw), name=f"upstream-{self.id}"
@@ -574,11 +576,11 @@ class Session:
     def raw_frame(
         self, conn: UpstreamConn, data: bytes, start: int, payload: int, end: int
     ) -> bool:
-        """The raw hot path (app/rawpath.py): send the upstream text frame `data[start:end]` to
-        the client as it came, if it is an event of the turn under way that needs nothing
-        awaited (not a terminal event, not an error) and the client's buffer has room. The
-        bookkeeping `_on_upstream_text` does for such an event is done here. False: it takes
-        aiohttp's path instead."""
+        """The raw hot path (app/rawpath.py): may the upstream text frame `data[start:end]` go to
+        the client as it came? Yes if it is an event of the turn under way that needs nothing
+        awaited (not a terminal event, not an error) and the client's buffer has room; the
+        bookkeeping `_on_upstream_text` does for such an event is done here, and the frame goes
+        out with the others of its read in `raw_write`. False: it takes aiohttp's path."""
         turn = self.turn
         if turn is None or turn.conn is not conn or not data.startswith(_TYPE_BYTES, payload):
             return False
@@ -594,19 +596,25 @@ class Session:
             or transport.get_write_buffer_size() + (end - start) > self._max_pending
         ):
             return False
-        received = self._last_upstream_frame = time.perf_counter()
         if kind == b"response.created":
             try:
                 turn.response_id = _response_id(orjson.loads(data[payload:end]))
             except orjson.JSONDecodeError:
                 return False
         if turn.first_event_at is None:
-            turn.first_event_at = received
+            turn.first_event_at = received = time.perf_counter()
             metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
-        transport.write(data[start:end])
         turn.events += 1
-        turn.overhead.observe(time.perf_counter() - received)
         return True
+
+    def raw_write(self, frames: bytes, count: int, received: float) -> None:
+        """The frames `raw_frame` took from one read, to the client in one write."""
+        self._last_upstream_frame = received
+        transport = self._transport
+        turn = self.turn
+        assert transport is not None and turn is not None  # raw_frame checked, nothing since
+        transport.write(frames)
+        turn.overhead.observe(time.perf_counter() - received, count)
 
     async def _read_upstream(self, conn: UpstreamConn, raw: RawForwarder | None = None) -> None:
         ws = conn.ws

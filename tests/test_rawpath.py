@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import random
 import struct
+import time
 
 import orjson
 import pytest
@@ -57,44 +58,74 @@ STREAM = [
 ]
 
 
-async def _replay(cuts: list[int], accept: bool) -> tuple[list[int], list[int], int]:
-    """Feed STREAM cut at `cuts`; the sink takes what is not inspected when `accept`. Returns
-    the sequence numbers in the order the client would see them, those that went raw, and the
-    pings aiohttp saw."""
+def split(chunk: bytes) -> list[tuple[bytes, bytes]]:
+    """The frames in `chunk` (small unmasked ones, as the raw path sends), with their payloads."""
+    frames = []
+    while chunk:
+        length, head = chunk[1] & 0x7F, 2
+        if length == 126:
+            length, head = struct.unpack("!H", chunk[2:4])[0], 4
+        frames.append((chunk[: head + length], chunk[head : head + length]))
+        chunk = chunk[head + length :]
+    return frames
+
+
+class Replay:
+    """What a replay of STREAM gave: the sequence numbers in the order the client would see
+    them, those that went raw, the writes the raw path made, and the pings aiohttp saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.raw: list[int] = []
+        self.writes = 0
+        self.pings = 0
+
+
+async def _replay(cuts: list[int], accept: bool) -> Replay:
+    """Feed STREAM cut at `cuts`; the sink takes what is not inspected when `accept`."""
     loop = asyncio.get_running_loop()
     protocol = ResponseHandler(loop)
     queue = WebSocketDataQueue(protocol, 2**16, loop=loop)
     inner = WebSocketReader(queue, 2**20, False, True)
-    seen: list[int] = []
-    raw: list[int] = []
+    out = Replay()
+    taken: list[int] = []  # taken by the sink, not written yet
 
     def sink(data: bytes, start: int, payload: int, end: int) -> bool:
         assert forwarder.pending == 0, "a raw frame would overtake one on aiohttp's path"
         body = orjson.loads(data[payload:end])
         if not accept or body["type"] in ("response.completed",):
             return False
-        assert data[start:end] in STREAM  # the bytes as they came
-        seen.append(body["sequence_number"])
-        raw.append(body["sequence_number"])
+        taken.append(body["sequence_number"])
         return True
 
-    forwarder = RawForwarder(inner, sink)
+    def write(frames: bytes, count: int, received: float) -> None:
+        assert received <= time.perf_counter()
+        out.writes += 1
+        sent = split(frames)
+        assert len(sent) == count and all(f in STREAM for f, _ in sent)  # the bytes as they came
+        numbers = [orjson.loads(payload)["sequence_number"] for _, payload in sent]
+        assert numbers == taken[:count]
+        del taken[:count]
+        out.seen += numbers
+        out.raw += numbers
+
+    forwarder = RawForwarder(inner, sink, write)
     stream = b"".join(STREAM)
-    pings = 0
     edges = [0, *sorted(cuts), len(stream)]
     for start, end in itertools.pairwise(edges):
         error, _ = forwarder.feed_data(stream[start:end])
         assert not error
+        assert not taken, "the sink took frames the forwarder did not write in the same read"
         # The session's reader: handles what aiohttp queued, one message at a time.
         while queue._buffer:
             msg = await queue.read()
             if msg.type is WSMsgType.PING:
-                pings += 1
+                out.pings += 1
                 continue
-            seen.append(orjson.loads(msg.data)["sequence_number"])
+            out.seen.append(orjson.loads(msg.data)["sequence_number"])
             forwarder.pending -= 1
-    assert forwarder.pending == 0 and forwarder.forwarded == len(raw)
-    return seen, raw, pings
+    assert forwarder.pending == 0 and forwarder.forwarded == len(out.raw)
+    return out
 
 
 async def test_frames_reach_the_client_in_order_whatever_the_cuts() -> None:
@@ -106,21 +137,21 @@ async def test_frames_reach_the_client_in_order_whatever_the_cuts() -> None:
         else:
             cuts = rng.sample(range(1, stream_length), rng.randint(1, 30))
         for accept in (True, False):
-            seen, raw, pings = await _replay(cuts, accept)
-            assert seen == list(range(10)), (cuts, accept, seen)
-            assert pings == 1
+            got = await _replay(cuts, accept)
+            assert got.seen == list(range(10)), (cuts, accept, got.seen)
+            assert got.pings == 1
             if not accept:
-                assert raw == []
+                assert got.raw == [] and got.writes == 0
     # Fed whole: what comes before the first frame aiohttp must have (3, too large) goes raw,
-    # the rest waits behind it.
-    _seen, raw, _pings = await _replay([], True)
-    assert raw == [0, 1, 2]
+    # in one write, the rest waits behind it.
+    got = await _replay([], True)
+    assert got.raw == [0, 1, 2] and got.writes == 1
     # Fed a frame at a time, the session's reader draining in between: the unfragmented, small,
-    # minimal, non-terminal ones go raw; 3 (too large), 5 (fragmented), 6 (not minimal) and the
-    # terminal 9 do not.
+    # minimal, non-terminal ones go raw, a write each; 3 (too large), 5 (fragmented), 6 (not
+    # minimal) and the terminal 9 do not.
     boundaries = list(itertools.accumulate(len(f) for f in STREAM))[:-1]
-    _seen, raw, _pings = await _replay(boundaries, True)
-    assert raw == [0, 1, 2, 4, 7, 8]
+    got = await _replay(boundaries, True)
+    assert got.raw == [0, 1, 2, 4, 7, 8] and got.writes == 6
 
 
 async def test_odd_frames_are_aiohttps_to_judge() -> None:
@@ -128,7 +159,9 @@ async def test_odd_frames_are_aiohttps_to_judge() -> None:
     refuses (reserved bits without an extension) is its protocol error to report."""
     loop = asyncio.get_running_loop()
     queue = WebSocketDataQueue(ResponseHandler(loop), 2**16, loop=loop)
-    forwarder = RawForwarder(WebSocketReader(queue, 2**20, False, True), lambda d, s, p, e: True)
+    forwarder = RawForwarder(
+        WebSocketReader(queue, 2**20, False, True), lambda d, s, p, e: True, lambda f, c, r: None
+    )
     masked = bytes([0x81, 0x80 | 2]) + b"\x01\x02\x03\x04" + bytes([ord("h") ^ 1, ord("i") ^ 2])
     error, _ = forwarder.feed_data(masked)
     assert not error and forwarder.forwarded == 0 and forwarder.pending == 1
