@@ -159,6 +159,8 @@ class UpstreamPool:
             watcher.cancel()
             # Until the watcher has ended, aiohttp refuses another receive() on the socket.
             await asyncio.wait((watcher,))
+        # A cancelled watcher's traceback holds the entry: a cycle for the collector otherwise.
+        entry.watcher = None
 
     # -- filling --------------------------------------------------------------------------------
 

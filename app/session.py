@@ -463,7 +463,7 @@ class Session:
         if conn is not None and conn.usable and conn.age < settings.upstream_max_age_seconds:
             return conn
         if conn is not None:
-            self.upstream = None
+            self.upstream = self.raw = None
             if not conn.ws.closed:
                 self.last_upstream_close = (1000, "replaced by the gateway at a turn boundary")
             await conn.close()
@@ -762,7 +762,7 @@ class Session:
         metrics.count_close("upstream", code)
         self.last_upstream_close = (code, reason)
         if self.upstream is conn:
-            self.upstream = None
+            self.upstream = self.raw = None
         turn = self.turn
         if turn is not None and turn.conn is conn and self.state is State.IN_FLIGHT:
             if self._wants_http_fallback(turn, code):
@@ -938,9 +938,15 @@ class Session:
             self._watchdog.cancel()
         if self._limits is not None:
             self._limits.cancel()
-        if self._upstream_reader is not None:
-            self._upstream_reader.cancel()
-        conn, self.upstream = self.upstream, None
+        # Nothing the session holds may point back at it once it ends, so that it, its sockets
+        # and all they hold are freed by reference counting, not left to the cyclic collector
+        # (whose full passes over that garbage held the loop for 90-140 ms under load): the
+        # reader task's CancelledError holds its frame (the session), and the forwarder holds the
+        # session's methods.
+        reader, self._upstream_reader = self._upstream_reader, None
+        if reader is not None:
+            reader.cancel()
+        conn, self.upstream, self.raw = self.upstream, None, None
         if conn is not None and not conn.ws.closed:
             self.last_upstream_close = (1000, "closed by the gateway with the client socket")
         self.memory.clear()
