@@ -6,20 +6,27 @@
   store's version has not moved; a write (here or on another node) refuses it again.
 - `KeyStore.allow_response`: a busy key's turns use spare slots taken ahead (no round trip);
   spares are counted in Redis when taken, so nodes together never pass the limit.
+- `logs.setup`: lines are written by a thread of their own; a log call never waits on a stderr
+  that does not drain, and every line still arrives, whole and in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
+import sys
+import threading
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 from aiohttp import WSMsgType
 from conftest import Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 
-from app import metrics
+from app import logs, metrics
 from app.errors import Code
 from app.keystore import (
     RATE_SPARE_SECONDS,
@@ -241,3 +248,41 @@ async def test_a_live_socket_whose_key_expires_by_the_clock_is_closed(
         assert ws.close_code == 1008
         assert not lasting.closed
         assert expiring.id
+
+
+def test_a_log_call_does_not_wait_for_a_stderr_that_does_not_drain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read_end, write_end = os.pipe()  # 64 KiB of room, and nobody reads until the calls are done
+    monkeypatch.setattr(sys, "stderr", os.fdopen(write_end, "w"))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logs.setup("INFO")
+    log = logging.getLogger("gateway.test")
+    lines = 300
+    padding = "x" * 1000  # 300 KiB in all: a write on the caller's side would block
+    called = threading.Thread(
+        target=lambda: [log.info("turn %d", i, extra={"pad": padding}) for i in range(lines)]
+    )
+    try:
+        called.start()
+        called.join(timeout=10)
+        assert not called.is_alive(), "a log call waited on the pipe"
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed %s", "here")
+        got: list[dict[str, object]] = []
+        with os.fdopen(read_end, "rb") as pipe:
+            reader = threading.Thread(target=lambda: got.extend(map(orjson.loads, pipe)))
+            reader.start()
+            logs.stop()  # writes what is queued
+            sys.stderr.close()
+            reader.join(timeout=10)
+    finally:
+        logs.stop()
+        root.handlers[:], root.level = handlers, level
+    assert [g["message"] for g in got[:lines]] == [f"turn {i}" for i in range(lines)]
+    assert all(g["pad"] == padding for g in got[:lines])
+    assert got[-1]["message"] == "failed here"
+    assert "ValueError: boom" in str(got[-1]["exc"])
