@@ -39,7 +39,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from app import metrics
+from app import ids, metrics
 from app.errors import Code, GatewayError
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
 
@@ -513,7 +513,7 @@ class KeyStore:
                 spares.members.pop()
                 return True
             del self._spares[key_id]
-        member = secrets.token_hex(8)
+        member = ids.hex_token(8)
         args: list[str | int] = [
             int(time.time() * 1000),
             limit,

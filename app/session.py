@@ -15,7 +15,6 @@ import enum
 import functools
 import logging
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
@@ -23,7 +22,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType, web
 
-from app import metrics
+from app import ids, metrics
 from app.errors import Code, GatewayError
 from app.keystore import Principal, secret_status
 from app.ledger.rows import SocketClosed, SocketOpened, TurnRecord
@@ -1004,4 +1003,4 @@ def _model_of(err: GatewayError, data: str) -> str | None:
 
 
 def new_socket_id() -> str:
-    return "ws_" + uuid.uuid4().hex
+    return "ws_" + ids.uuid4().hex

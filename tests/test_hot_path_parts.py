@@ -6,6 +6,8 @@
   store's version has not moved; a write (here or on another node) refuses it again.
 - `KeyStore.allow_response`: a busy key's turns use spare slots taken ahead (no round trip);
   spares are counted in Redis when taken, so nodes together never pass the limit.
+- `ids`: row and socket ids without a syscall each: version 4 UUIDs, distinct, and distinct again
+  in a forked child.
 - `logs.setup`: lines are written by a thread of their own; a log call never waits on a stderr
   that does not drain, and every line still arrives, whole and in order.
 """
@@ -18,6 +20,7 @@ import os
 import random
 import sys
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -26,7 +29,7 @@ from aiohttp import WSMsgType
 from conftest import Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 
-from app import logs, metrics
+from app import ids, logs, metrics
 from app.errors import Code
 from app.keystore import (
     RATE_SPARE_SECONDS,
@@ -286,3 +289,22 @@ def test_a_log_call_does_not_wait_for_a_stderr_that_does_not_drain(
     assert all(g["pad"] == padding for g in got[:lines])
     assert got[-1]["message"] == "failed here"
     assert "ValueError: boom" in str(got[-1]["exc"])
+
+
+def test_ids_are_version_4_and_do_not_repeat_even_across_a_fork() -> None:
+    made = [ids.uuid4() for _ in range(100_000)]
+    assert len(set(made)) == len(made)
+    assert {(u.version, u.variant) for u in made} == {(4, uuid.RFC_4122)}
+    tokens = {ids.hex_token(8) for _ in range(10_000)}
+    assert len(tokens) == 10_000 and all(len(t) == 16 for t in tokens)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what its generator gives first
+        os.write(write_end, ids.uuid4().bytes)
+        os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    child = uuid.UUID(bytes=os.read(read_end, 16))
+    os.close(read_end)
+    assert status == 0
+    assert child != ids.uuid4()  # the parent's next one: the same had the state been copied

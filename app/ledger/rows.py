@@ -23,9 +23,11 @@ from typing import Any, Literal
 
 import orjson
 
+from app import ids
+
 
 def _new_row_id() -> uuid.UUID:
-    return uuid.uuid4()
+    return ids.uuid4()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
