@@ -258,8 +258,12 @@ def test_a_log_call_does_not_wait_for_a_stderr_that_does_not_drain(
 ) -> None:
     read_end, write_end = os.pipe()  # 64 KiB of room, and nobody reads until the calls are done
     monkeypatch.setattr(sys, "stderr", os.fdopen(write_end, "w"))
+    # What `setup` changes for the whole process, put back afterwards for the other tests.
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    quietened = {n: logging.getLogger(n).level for n in ("aiohttp.server", "aiohttp.access")}
+    flags = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {flag: getattr(logging, flag) for flag in flags}
     logs.setup("INFO")
     log = logging.getLogger("gateway.test")
     lines = 300
@@ -285,6 +289,10 @@ def test_a_log_call_does_not_wait_for_a_stderr_that_does_not_drain(
     finally:
         logs.stop()
         root.handlers[:], root.level = handlers, level
+        for name, was in quietened.items():
+            logging.getLogger(name).setLevel(was)
+        for flag, value in saved.items():
+            setattr(logging, flag, value)
     assert [g["message"] for g in got[:lines]] == [f"turn {i}" for i in range(lines)]
     assert all(g["pad"] == padding for g in got[:lines])
     assert got[-1]["message"] == "failed here"
