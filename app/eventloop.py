@@ -8,6 +8,7 @@ keeps the standard loop, for debugging or a platform uvloop does not build on.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -38,3 +39,14 @@ def run(main: Coroutine[Any, Any, T], choice: LoopChoice = "auto") -> T:
     """`asyncio.run` on the chosen loop."""
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
+
+
+def freeze_startup() -> None:
+    """Once a server is up: what start-up made (modules, the app, its settings) lives as long as
+    the process, so it leaves the cyclic collector's sight (`gc.freeze`), and a full collection
+    under load walks what the load made alone: 45 ms -> 10-15 ms in the gateway with 200 paced
+    sockets. The gateway, the simulator and the bench's relay all do it: the bench compares
+    them on the same terms, and a 50-70 ms pause in the simulator landed on whichever target
+    the bench was measuring."""
+    gc.collect()
+    gc.freeze()

@@ -127,6 +127,7 @@ async def run_relay(host: str, port: int, upstream_url: str) -> None:
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
+        eventloop.freeze_startup()  # as the gateway does
         print(f"relay listening on ws://{bound_host}:{bound_port}/v1/responses", flush=True)
         await asyncio.Event().wait()
     finally:

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler
 
+from app import eventloop
 from app.simulator import errors
 from app.simulator.control import add_control_routes
 from app.simulator.errors import SimError
@@ -38,6 +39,7 @@ async def run_simulator(host: str, port: int, options: SimulatorOptions) -> None
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        eventloop.freeze_startup()
         print(f"simulator listening on http://{shown}:{bound_port}/v1", flush=True)
         await asyncio.Event().wait()
     finally:
