@@ -134,7 +134,8 @@ def _header(plan: Plan, stack: Stack) -> list[str]:
     return [
         f"gateway bench --compare: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"aiohttp {aiohttp.__version__}, {p.rounds} rounds with the targets alternating",
-        f"  event loop of the relay and the gateway: {_loop_of(stack)}",
+        f"  event loop of the relay and the gateway: {_loop_of(stack)}; of the bench client: "
+        f"{eventloop.loop_name('auto')}",
         f"  direct   {stack.sim_ws_url} (the simulator, pid {stack.sim.pid})",
         f"  relay    {stack.relay.address} (bare relay, pid {stack.relay.pid})",
         f"  gateway  ws://{stack.gateway.address}/v1/responses (gateway serve, pid "
