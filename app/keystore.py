@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -268,6 +269,32 @@ class _Batcher:
                 await task
 
 
+class _HiredisPacking:
+    """Commands packed by hiredis, in C, into the bytes redis-py's asyncio connection builds in
+    Python (the slot script's call: 28 us -> 3.6 us, on every handshake and rate-limited turn).
+    Anything but str, bytes and int (a float, a bool, None, a memoryview) takes redis-py's own
+    packing, and so do its refusals (`DataError`)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if all(type(arg) in _PACKABLE for arg in args):
+            first = args[0]
+            if type(first) is str and " " in first or type(first) is bytes and b" " in first:
+                args = (*first.split(), *args[1:])  # 'CONFIG GET' and the like
+            with contextlib.suppress(TypeError, UnicodeError):
+                return [hiredis.pack_command(args)]
+        packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+        return packed
+
+
+_PACKABLE = frozenset({str, bytes, int})
+
+
+def _hiredis_packing(pool: aioredis.ConnectionPool) -> None:
+    """The pool's connections (plain, TLS or Unix socket, as the URL chose) pack with hiredis."""
+    base = pool.connection_class
+    pool.connection_class = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
+
+
 class KeyStore:
     def __init__(self, redis_url: str, prefix: str, *, pool_size: int = 64) -> None:
         self.prefix = prefix
@@ -289,6 +316,7 @@ class KeyStore:
             retry_on_timeout=False,
             health_check_interval=30,
         )
+        _hiredis_packing(pool)
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._rate = self.redis.register_script(_RATE)

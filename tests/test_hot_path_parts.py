@@ -6,6 +6,8 @@
   store's version has not moved; a write (here or on another node) refuses it again.
 - `KeyStore.allow_response`: a busy key's turns use spare slots taken ahead (no round trip);
   spares are counted in Redis when taken, so nodes together never pass the limit.
+- `KeyStore`'s connections pack commands with hiredis: the same bytes as redis-py, the same
+  refusals.
 - `ids`: row and socket ids without a syscall each: version 4 UUIDs, distinct, and distinct again
   in a forked child.
 - `logs.setup`: lines are written by a thread of their own; a log call never waits on a stderr
@@ -22,12 +24,14 @@ import sys
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
 from aiohttp import WSMsgType
 from conftest import Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
+from redis.asyncio import ConnectionPool
 
 from app import ids, logs, metrics
 from app.errors import Code
@@ -316,3 +320,30 @@ def test_ids_are_version_4_and_do_not_repeat_even_across_a_fork() -> None:
     os.close(read_end)
     assert status == 0
     assert child != ids.uuid4()  # the parent's next one: the same had the state been copied
+
+
+def test_hiredis_packing_gives_redis_pys_bytes_and_refusals() -> None:
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from app.keystore import _hiredis_packing
+
+    pool = ConnectionPool()
+    _hiredis_packing(pool)
+    fast, plain = pool.connection_class(), Connection()
+    assert type(fast).pack_command is not Connection.pack_command
+    calls: list[tuple[Any, ...]] = [
+        ("EVALSHA", "a" * 40, 2, "gw:slots:key:k", "gw:sessions", 1795456668398, 45000, "{}"),
+        ("CONFIG GET", "maxmemory"),  # a command name of two words
+        (b"SCRIPT LOAD", b"return 1"),
+        ("SET", "k\u00e9y", "v\u2603", -3, 2**70, b"\x00\xff", ""),
+        ("SET", "k", 1.5),  # floats: redis-py's own packing
+        ("SET", "k", memoryview(b"abc")),
+    ]
+    for call in calls:
+        assert b"".join(fast.pack_command(*call)) == b"".join(plain.pack_command(*call)), call
+    for bad in [("SET", "k", True), ("SET", "k", None)]:
+        with pytest.raises(DataError):
+            fast.pack_command(*bad)
+    with pytest.raises(UnicodeEncodeError):
+        fast.pack_command("SET", "\ud800")
