@@ -278,7 +278,7 @@ class _HiredisPacking:
     def pack_command(self, *args: Any) -> list[bytes]:
         if all(type(arg) in _PACKABLE for arg in args):
             first = args[0]
-            if type(first) is str and " " in first or type(first) is bytes and b" " in first:
+            if (type(first) is str and " " in first) or (type(first) is bytes and b" " in first):
                 args = (*first.split(), *args[1:])  # 'CONFIG GET' and the like
             with contextlib.suppress(TypeError, UnicodeError):
                 return [hiredis.pack_command(args)]

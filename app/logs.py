@@ -2,20 +2,23 @@
 
 Sockets and responses are logged with their socket id and the key's public prefix, never the key.
 
-Lines are written by a thread of their own (the logging docs' "Dealing with handlers that block"):
-a write to stderr can wait, on a full pipe or on a file system's journal, and the event loop
-waited with it. Under the bench's paced load, single writes of a turn's line held the loop for
-40-100 ms while Postgres flushed to the same disk, every socket's events waiting behind them.
+Lines are written by a thread of their own (the logging docs' "Dealing with handlers that block"),
+gathered for up to GATHER_SECONDS and written together: a write to stderr can wait, on a full
+pipe or on a file system's journal, and the event loop waited with it. Under the bench's paced
+load, single writes of a turn's line held the loop for 40-100 ms while Postgres flushed to the
+same disk, every socket's events waiting behind them.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import logging.handlers
 import os
 import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -67,7 +70,9 @@ class _Enqueue(logging.handlers.QueueHandler):
     """Hands a record to the writer thread. What could change once the caller goes on is fixed
     here (the message with its arguments, an exception's text); the JSON line is built there."""
 
-    def __init__(self, records: queue.SimpleQueue[logging.LogRecord], formatter: JsonFormatter):
+    def __init__(
+        self, records: queue.SimpleQueue[logging.LogRecord | None], formatter: JsonFormatter
+    ) -> None:
         super().__init__(records)
         self._formatter = formatter
 
@@ -79,15 +84,59 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
-_listener: logging.handlers.QueueListener | None = None
+# How long the writer lets lines gather after the first before it writes them, in one write:
+# under load a line per turn and two per socket woke a thread and made a write(2) each.
+GATHER_SECONDS = 0.02
+
+
+class _Writer(threading.Thread):
+    """Writes queued records as JSON lines to `stream`, a batch per write; None ends it."""
+
+    def __init__(
+        self, records: queue.SimpleQueue[logging.LogRecord | None], formatter: JsonFormatter
+    ) -> None:
+        super().__init__(name="log-writer", daemon=True)
+        self._records = records
+        self._formatter = formatter
+        self.stream = sys.stderr
+
+    def run(self) -> None:
+        records = self._records
+        while True:
+            batch = [records.get()]
+            if batch[0] is not None:
+                time.sleep(GATHER_SECONDS)
+            with contextlib.suppress(queue.Empty):
+                while batch[-1] is not None:
+                    batch.append(records.get_nowait())
+            lines = [self._line(r) for r in batch if r is not None]
+            if lines:
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):  # stderr closed or gone: nothing else to tell
+                    pass
+            if batch[-1] is None:
+                return
+
+    def _line(self, record: logging.LogRecord) -> str:
+        try:
+            return self._formatter.format(record)
+        except Exception:  # a field orjson cannot take (default=str covers most)
+            return orjson.dumps({"level": "error", "message": "unformattable log record"}).decode()
+
+
+_records: queue.SimpleQueue[logging.LogRecord | None] | None = None
+_writer: _Writer | None = None
 
 
 def stop() -> None:
     """Write what is queued and end the writer thread (at exit, or before a new `setup`)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    global _records, _writer
+    if _writer is not None and _records is not None:
+        _records.put(None)
+        _writer.join()
+    _records = _writer = None
 
 
 def setup(level: str) -> None:
@@ -97,18 +146,16 @@ def setup(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    global _listener
+    global _records, _writer
     stop()
     formatter = JsonFormatter()
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(formatter)
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, writer)
-    _listener.start()
+    _records = queue.SimpleQueue()
+    _writer = _Writer(_records, formatter)
+    _writer.start()
     atexit.unregister(stop)
     atexit.register(stop)
     root = logging.getLogger()
-    root.handlers[:] = [_Enqueue(records, formatter)]
+    root.handlers[:] = [_Enqueue(_records, formatter)]
     root.setLevel(level)
     # aiohttp logs a traceback for every malformed request: a hostile client could flood the log.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
