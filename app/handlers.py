@@ -101,6 +101,7 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
             max_msg_size=node.settings.max_frame_bytes + 1,
             autoping=True,
             timeout=CLOSE_HANDSHAKE_SECONDS,
+            decode_text=False,  # the session judges the size before the UTF-8
         )
         session = Session(node, ws, principal, new_socket_id(), model)
         limits = team.limits

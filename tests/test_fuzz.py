@@ -1053,11 +1053,19 @@ async def test_a_nul_in_the_query_model_still_gets_its_socket_row(
     assert not watch.take()
 
 
-async def test_a_compressed_binary_frame_one_byte_over_the_limit_closes_1009(
-    prober: Prober, watch: Watch
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Frame(b"x" * (LIMIT + 1), binary=True, note="oversized: binary"),
+        # Found by scripts/fuzz.py: aiohttp decoded this one before the size was judged (1007).
+        Frame(b"\xff" + b"x" * LIMIT, note="oversized: invalid utf-8"),
+    ],
+    ids=["binary", "invalid-utf-8"],
+)
+async def test_a_compressed_frame_one_byte_over_the_limit_closes_1009(
+    prober: Prober, watch: Watch, frame: Frame
 ) -> None:
     prober.compress = True
-    frame = Frame(b"x" * (LIMIT + 1), binary=True, note="oversized: binary")
     outcome = await prober.probe(frame)
     assert outcome.closed == 1009, outcome
     assert not await prober.valid_turn()
