@@ -93,7 +93,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start a simulator, a bare relay and a gateway; run the load on each, alternating",
     )
-    cmp.add_argument("--rounds", type=pos_int, default=3, help="alternating rounds (3)")
+    cmp.add_argument("--rounds", type=pos_int, default=5, help="alternating rounds (5)")
     cmp.add_argument(
         "--saturate-sockets", type=pos_int, default=50, help="sockets of the saturated load (50)"
     )
