@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from conftest import Connect, Gateway, create, recv, send, until_terminal, wait_for
 
+from app.bench.load import collector_held_off
 from app.session import Session
 
 Scenario = Callable[[Connect, Gateway], Awaitable[None]]
@@ -24,12 +25,8 @@ Scenario = Callable[[Connect, Gateway], Awaitable[None]]
 
 @pytest.fixture
 async def collector_off() -> AsyncIterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_held_off():
         yield
-    finally:
-        gc.enable()
 
 
 def _only_session(gateway: Gateway) -> weakref.ref[Session]:
