@@ -186,7 +186,9 @@ class Session:
         self._max_pending = node.settings.max_pending_bytes
         self._watchdog: asyncio.TimerHandle | None = None
         self._silence: asyncio.Task[None] | None = None
-        self.raw: RawForwarder | None = None  # the current upstream socket's (app/rawpath.py)
+        # The current upstream socket's raw forwarder (app/rawpath.py). Kept here, not on the
+        # UpstreamConn: the forwarder's sink holds the conn, so conn.raw would be a cycle.
+        self.raw: RawForwarder | None = None
 
     # -- state ----------------------------------------------------------------------------------
 
