@@ -149,3 +149,8 @@ class GatewayError(Exception):
 
     def http_body(self) -> bytes:
         return orjson.dumps({"error": self.error_object()})
+
+
+def not_found(kind: str, ident: str, param: str | None = None) -> GatewayError:
+    """404 `not_found` for an unknown id (in the path, or in the body's field `param`)."""
+    return GatewayError(Code.NOT_FOUND, f"No {kind} with id {ident!r}.", param=param)

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -38,10 +39,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from app import ids, metrics
-from app.errors import Code, GatewayError
+from app.errors import Code, GatewayError, not_found
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
 
 log = logging.getLogger("gateway.keystore")
@@ -69,6 +70,11 @@ RATE_SPARE_SECONDS = 0.5
 SECRET_CACHE_SIZE = 10_000
 SECRET_CACHE_FRESH_SECONDS = 1.0
 SECRET_PREFIX = "sk-gw-"
+# An admin write whose records another write changed between its read and its commit reads and
+# decides again, this many times at most (two writers settle in two tries).
+ADMIN_WRITE_TRIES = 50
+# Entries of the digest log read per round trip (KnownDigests).
+DIGEST_PAGE = 10_000
 
 # Check both caps, then take both slots and register the session, atomically and in the
 # handshake's one round trip; with the store's version, so a handshake that used a cached secret
@@ -420,32 +426,94 @@ class KeyStore:
         return (ApiKey.model_validate_json(raw) if raw else None), int(version)
 
     # -- writes (admin) ----------------------------------------------------------------------
+    #
+    # The race: two admins (or two nodes) read a record, change it and write it back; the
+    # later write wins and the earlier one is lost (a revocation undone by a rotation that
+    # read the key before it). Each write below runs under WATCH on the records it reads, and
+    # MULTI/EXEC fails when any of them changed in between; then it reads again and decides
+    # again (a rotation that now sees the revocation refuses). So concurrent writes end as
+    # some serial order of those that answered (CONTRACT.md §4).
 
-    async def _bump(self, pipe: Any) -> None:
+    def _bump(self, pipe: Any) -> None:
         self.writes += 1
         pipe.incr(self.k("version"))
 
-    async def put_team(self, team: Team) -> bool:
-        """Create or replace; True when it was created."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+    async def _transaction(
+        self, watched: list[str], write: Callable[[list[bytes | None], Any], _T]
+    ) -> _T:
+        """Read `watched` under WATCH, let `write` queue its commands (or raise to refuse) and
+        commit them with the version bump; read and decide again when a watched record changed
+        meanwhile. Redis' errors become 503 `service_unavailable`."""
+
+        async def attempts() -> _T:
+            for attempt in range(ADMIN_WRITE_TRIES):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(*watched)
+                    current = [_b(v) for v in await pipe.mget(watched)]
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    result = write(current, pipe)
+                    self._bump(pipe)
+                    try:
+                        await pipe.execute()
+                    except WatchError:
+                        await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
+                        continue
+                    return result
+            raise GatewayError(
+                Code.SERVICE_UNAVAILABLE, "Too many concurrent admin writes to one record; retry."
+            )
+
+        return await self._call(attempts())
+
+    async def update_team(
+        self, team_id: str, change: Callable[[Team | None], Team]
+    ) -> tuple[Team, Team | None]:
+        """Write `change(the team as stored, or None)`, atomically against every other admin
+        write; the team written and the one it replaced."""
+
+        def write(current: list[bytes | None], pipe: Any) -> tuple[Team, Team | None]:
+            before = Team.model_validate_json(current[0]) if current[0] else None
+            team = change(before)
             pipe.sadd(self.k("teams"), team.id)
             pipe.set(self.k("team", team.id), team.model_dump_json())
-            await self._bump(pipe)
-            added, *_ = await self._call(pipe.execute())
-        return bool(added)
+            return team, before
 
-    async def put_key(self, key: ApiKey, *, new_secret_hash: str | None = None) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(self.k("keys"), key.id)
-            pipe.set(self.k("key", key.id), key.model_dump_json())
-            if new_secret_hash:
-                pipe.set(self.k("secret", new_secret_hash), key.id)
-            await self._bump(pipe)
-            await self._call(pipe.execute())
+        return await self._transaction([self.k("team", team_id)], write)
+
+    async def put_team(self, team: Team) -> bool:
+        """Create or replace a whole team; True when it was created."""
+        _team, before = await self.update_team(team.id, lambda _current: team)
+        return before is None
+
+    def _write_key(self, pipe: Any, key: ApiKey, before: ApiKey | None) -> None:
+        pipe.sadd(self.k("keys"), key.id)
+        pipe.set(self.k("key", key.id), key.model_dump_json())
+        if before is None or key.secret_hash != before.secret_hash:
+            pipe.set(self.k("secret", key.secret_hash), key.id)
+            pipe.xadd(self.k("digests"), {"d": key.secret_hash})
+
+    async def update_key(
+        self, key_id: str, change: Callable[[ApiKey | None], ApiKey]
+    ) -> tuple[ApiKey, ApiKey | None]:
+        """Write `change(the key as stored, or None)`, atomically against every other admin
+        write; the key written and the one it replaced. A new secret is indexed."""
+
+        def write(current: list[bytes | None], pipe: Any) -> tuple[ApiKey, ApiKey | None]:
+            before = ApiKey.model_validate_json(current[0]) if current[0] else None
+            key = change(before)
+            self._write_key(pipe, key, before)
+            return key, before
+
+        return await self._transaction([self.k("key", key_id)], write)
+
+    async def put_key(self, key: ApiKey) -> None:
+        """Write a whole key record (its secret indexed)."""
+        await self.update_key(key.id, lambda _current: key)
 
     async def create_key(
         self, team_id: str, name: str = "", expires_at: datetime | None = None
     ) -> tuple[ApiKey, str]:
+        """A new key of an existing team (404 `not_found`, `param: team_id`, otherwise)."""
         secret, prefix = new_secret()
         key = ApiKey(
             id="key_" + secrets.token_hex(8),
@@ -456,37 +524,92 @@ class KeyStore:
             expires_at=expires_at,
             secret_hash=hash_secret(secret),
         )
-        await self.put_key(key, new_secret_hash=key.secret_hash)
-        return key, secret
 
-    async def rotate_key(self, key: ApiKey, grace_seconds: int) -> tuple[ApiKey, str]:
+        def write(current: list[bytes | None], pipe: Any) -> ApiKey:
+            if current[1] is None:
+                raise not_found("team", team_id, "team_id")
+            self._write_key(pipe, key, None)
+            return key
+
+        watched = [self.k("key", key.id), self.k("team", team_id)]
+        return await self._transaction(watched, write), secret
+
+    async def rotate_key(self, key_id: str, grace_seconds: int) -> tuple[ApiKey, ApiKey, str]:
+        """A new secret for the key; the current one keeps working for `grace_seconds`. The
+        rotated key, the key before, and the new secret. A revoked key is refused (400)."""
         secret, prefix = new_secret()
-        now = utcnow()
-        old = [o for o in key.old_secrets if o.until > now]
-        old.append(OldSecret(hash=key.secret_hash, until=now + timedelta(seconds=grace_seconds)))
-        rotated = key.model_copy(
-            update={"secret_hash": hash_secret(secret), "prefix": prefix, "old_secrets": old}
-        )
-        await self.put_key(rotated, new_secret_hash=rotated.secret_hash)
-        return rotated, secret
 
-    async def revoke_key(self, key: ApiKey) -> ApiKey:
-        revoked = key.model_copy(update={"revoked_at": key.revoked_at or utcnow()})
-        await self.put_key(revoked)
+        def change(key: ApiKey | None) -> ApiKey:
+            if key is None:
+                raise not_found("key", key_id)
+            if key.revoked_at is not None:
+                raise GatewayError(
+                    Code.INVALID_REQUEST, f"Key {key_id!r} is revoked; create a new one."
+                )
+            now = utcnow()
+            old = [o for o in key.old_secrets if o.until > now]
+            old.append(
+                OldSecret(hash=key.secret_hash, until=now + timedelta(seconds=grace_seconds))
+            )
+            update = {"secret_hash": hash_secret(secret), "prefix": prefix, "old_secrets": old}
+            return key.model_copy(update=update)
+
+        rotated, before = await self.update_key(key_id, change)
+        assert before is not None
+        return rotated, before, secret
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Refuse every secret of the key from now on (a revoked key stays revoked)."""
+
+        def change(key: ApiKey | None) -> ApiKey:
+            if key is None:
+                raise not_found("key", key_id)
+            return key.model_copy(update={"revoked_at": key.revoked_at or utcnow()})
+
+        revoked, _before = await self.update_key(key_id, change)
         return revoked
 
+    # Prices: one command each (HSET, HDEL) in MULTI with the version bump, so each is atomic
+    # as it stands: no read decides what they write.
     async def set_price(self, model: str, price: Price) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.k("catalog"), model, price.model_dump_json())
-            await self._bump(pipe)
+            self._bump(pipe)
             await self._call(pipe.execute())
 
     async def delete_price(self, model: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.k("catalog"), model)
-            await self._bump(pipe)
+            self._bump(pipe)
             removed, _ = await self._call(pipe.execute())
         return bool(removed)
+
+    # -- the secrets' digests (the failed-authentication limit's filter) ----------------------
+
+    async def backfill_digests(self) -> None:
+        """Once per store: log the digests of the keys written before the log existed, then
+        mark the log complete. Idempotent and safe from two nodes at once (a digest logged
+        twice is the same digest)."""
+        if await self._call(self.redis.exists(self.k("digests", "complete"))):
+            return
+        for key in await self.list_keys():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for digest in (key.secret_hash, *(o.hash for o in key.old_secrets)):
+                    pipe.xadd(self.k("digests"), {"d": digest})
+                await self._call(pipe.execute())
+        await self._call(self.redis.set(self.k("digests", "complete"), 1))
+
+    async def digests_after(self, last_id: str) -> tuple[bool, list[str], str]:
+        """Whether the digest log is complete, and the digests logged after `last_id` with the
+        id of the last one (up to DIGEST_PAGE; ask again while a full page comes back)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.k("digests", "complete"))
+            pipe.xrange(self.k("digests"), min=f"({last_id}", count=DIGEST_PAGE)
+            complete, entries = await self._call(pipe.execute(), HANDSHAKE_DEADLINE_SECONDS)
+        digests = [_s(fields[b"d"]) for _id, fields in entries if b"d" in fields]
+        if entries:
+            last_id = _s(entries[-1][0])
+        return bool(complete), digests, last_id
 
     # -- limits ------------------------------------------------------------------------------
 
@@ -644,6 +767,10 @@ class KeyStore:
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _b(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from conftest import Gateway, Sim, Tenant, create, gateway_settings, recv, send, turn
+from conftest import Gateway, Tenant, create, recv, send, turn
 from test_ws_checks import assert_error, assert_usable
 from test_ws_handshake import assert_http_error, handshake
-
-from app.server import create_app
 
 TOKEN = "admin-test-token"
 # A response that streams for about five seconds: long enough to be cut off mid-way.
@@ -30,29 +27,6 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
     return {"GATEWAY_NODE_ID": "node-a"}
-
-
-@pytest.fixture
-async def node_b(
-    gateway: Gateway,
-    aiohttp_server: Any,
-    redis_url: str,
-    redis_prefix: str,
-    database_url: str,
-    sim: Sim,
-    tmp_path: Path,
-) -> Gateway:
-    """A second node beside `gateway` (node A): same Redis prefix, Postgres and upstream."""
-    settings = gateway_settings(
-        redis_url,
-        redis_prefix,
-        database_url,
-        sim.base_url,
-        tmp_path / "spill-b",
-        GATEWAY_NODE_ID="node-b",
-    )
-    app = create_app(settings)
-    return Gateway(await aiohttp_server(app), app)
 
 
 async def admin(gw: Gateway, method: str, path: str, body: Any = None) -> Any:

@@ -171,7 +171,7 @@ async def test_after_redis_returns_nothing_is_wedged(
         # The node's view of Redis moves again: a revocation reaches every live socket.
         key = await redis_gateway.store.get_key(limited.key_id)
         assert key is not None
-        await redis_gateway.store.revoke_key(key)
+        await redis_gateway.store.revoke_key(key.id)
         for ws in [live_socket, *sockets]:
             event = await recv(ws, timeout=5)
             assert_error(event, "api_key_revoked", 401)

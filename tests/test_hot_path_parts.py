@@ -122,7 +122,7 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
 
         # A revocation on another node bumps the version: once the view has read it, the cache
         # is stale and the secret is looked up again (and is gone here).
-        await elsewhere.revoke_key(key)
+        await elsewhere.revoke_key(key.id)
         assert await view.load()
         found, _ = await view.lookup_secret(secret)
         assert found is None
@@ -132,7 +132,7 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
         key2, secret2 = await here.create_key("t")
         await view.load()
         assert (await view.lookup_secret(secret2))[0] is not None
-        revoked = await here.revoke_key(key2)
+        revoked = await here.revoke_key(key2.id)
         found, _ = await view.lookup_secret(secret2)
         assert found is not None and found[0].revoked_at == revoked.revoked_at
         assert secret_status(found[0], found[1], utcnow()) is Code.API_KEY_REVOKED

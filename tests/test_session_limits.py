@@ -237,7 +237,7 @@ async def trigger(how: str, gateway: Gateway, tenant: Tenant) -> asyncio.Task[An
     if how == "revoke":
         key = await gateway.store.get_key(tenant.key_id)
         assert key is not None
-        await gateway.store.revoke_key(key)
+        await gateway.store.revoke_key(key.id)
     elif how == "drain":
         from app.server import drain
 

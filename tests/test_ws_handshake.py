@@ -76,7 +76,7 @@ async def test_revoked_expired_and_disabled_handshakes(gateway: Gateway, tenant:
     key = await store.get_key(tenant.key_id)
     assert key is not None
     auth = {"Authorization": f"Bearer {tenant.key}"}
-    await store.revoke_key(key)
+    await store.revoke_key(key.id)
     status, body, _ = await handshake(gateway, auth)
     assert (status, body["error"]["code"]) == (401, "api_key_revoked")
 
@@ -100,7 +100,7 @@ async def test_rotated_secret_works_in_grace_then_expires(gateway: Gateway, tena
     store = gateway.store
     key = await store.get_key(tenant.key_id)
     assert key is not None
-    _, new_secret = await store.rotate_key(key, grace_seconds=0)
+    _, _, new_secret = await store.rotate_key(key.id, grace_seconds=0)
     status, body, _ = await handshake(gateway, {"Authorization": f"Bearer {tenant.key}"})
     assert (status, body["error"]["code"]) == (401, "api_key_expired")
     async with aiohttp.ClientSession() as http:
@@ -181,7 +181,7 @@ async def test_revocation_reaches_a_live_socket(
         await assert_usable(ws)
         key = await gateway.store.get_key(tenant.key_id)
         assert key is not None
-        await gateway.store.revoke_key(key)
+        await gateway.store.revoke_key(key.id)
         event = await recv(ws, timeout=1.5)
         assert_error(event, "api_key_revoked", 401)
         msg = await ws.receive(timeout=1)
@@ -213,7 +213,7 @@ async def test_rotation_grace_end_closes_old_sockets(
         await assert_usable(ws)
         key = await gateway.store.get_key(tenant.key_id)
         assert key is not None
-        await gateway.store.rotate_key(key, grace_seconds=1)
+        await gateway.store.rotate_key(key.id, grace_seconds=1)
         await assert_usable(ws)  # still inside the grace period
         event = await recv(ws, timeout=2.5)
         assert_error(event, "api_key_expired", 401)

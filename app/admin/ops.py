@@ -5,6 +5,10 @@ unreachable Redis into `service_unavailable`), answers `not_found` for an unknow
 every successful write as one `AdminAction` row: who (the actor, and the remote address for the
 API), what (`team.create`, `key.rotate`, …), on which id, and details that never hold a secret.
 
+Writes that read a record first (team replace, disable, enable; key rotate, revoke) hand the
+key store a change to apply to the record as stored: it runs inside the store's transaction, and
+again when another write got in between, so no write is lost (`KeyStore.update_team`).
+
 Live effects need nothing here: every write bumps the store's version, and each node's view
 polls it (CONTRACT.md §4: within a second, live sockets included).
 """
@@ -21,7 +25,7 @@ from app.admin.schemas import (
     TeamRequest,
     to_price,
 )
-from app.errors import Code, GatewayError
+from app.errors import not_found
 from app.keystore import KeyStore
 from app.ledger.rows import AdminAction
 from app.models import ApiKey, Price, Team, utcnow
@@ -35,10 +39,6 @@ class Actor:
 
     name: str
     remote_addr: str | None = None
-
-
-def not_found(kind: str, ident: str, param: str | None = None) -> GatewayError:
-    return GatewayError(Code.NOT_FOUND, f"No {kind} with id {ident!r}.", param=param)
 
 
 class AdminOps:
@@ -63,9 +63,8 @@ class AdminOps:
 
     async def put_team(self, body: TeamRequest) -> tuple[Team, bool]:
         """Create or replace; True when created. A replace without `active` keeps the state."""
-        current = await self.store.get_team(body.id)
-        team = body.to_team(current)
-        created = await self.store.put_team(team)
+        team, before = await self.store.update_team(body.id, body.to_team)
+        created = before is None
         self._audit(
             "team.create" if created else "team.replace",
             team.id,
@@ -83,9 +82,12 @@ class AdminOps:
         return await self.store.list_teams()
 
     async def set_team_active(self, team_id: str, active: bool) -> Team:
-        team = await self.get_team(team_id)
-        updated = team.model_copy(update={"active": active})
-        await self.store.put_team(updated)
+        def change(team: Team | None) -> Team:
+            if team is None:
+                raise not_found("team", team_id)
+            return team.model_copy(update={"active": active})
+
+        updated, _before = await self.store.update_team(team_id, change)
         self._audit("team.enable" if active else "team.disable", team_id)
         return updated
 
@@ -93,7 +95,6 @@ class AdminOps:
 
     async def create_key(self, body: KeyCreateRequest) -> tuple[ApiKey, str]:
         body.check_expiry()
-        await self.get_team(body.team_id, param="team_id")
         key, secret = await self.store.create_key(body.team_id, body.name, body.expires_at)
         self._audit(
             "key.create",
@@ -118,26 +119,20 @@ class AdminOps:
         return sorted(keys, key=lambda k: (k.created_at, k.id))
 
     async def rotate_key(self, key_id: str, grace_seconds: int) -> tuple[ApiKey, str]:
-        key = await self.get_key(key_id)
-        if key.revoked_at is not None:
-            raise GatewayError(
-                Code.INVALID_REQUEST, f"Key {key_id!r} is revoked; create a new one."
-            )
-        rotated, secret = await self.store.rotate_key(key, grace_seconds)
+        rotated, before, secret = await self.store.rotate_key(key_id, grace_seconds)
         self._audit(
             "key.rotate",
             key_id,
-            team_id=key.team_id,
+            team_id=rotated.team_id,
             grace_seconds=grace_seconds,
-            old_prefix=key.prefix,
+            old_prefix=before.prefix,
             prefix=rotated.prefix,
         )
         return rotated, secret
 
     async def revoke_key(self, key_id: str) -> ApiKey:
-        key = await self.get_key(key_id)
-        revoked = await self.store.revoke_key(key)
-        self._audit("key.revoke", key_id, team_id=key.team_id, prefix=key.prefix)
+        revoked = await self.store.revoke_key(key_id)
+        self._audit("key.revoke", key_id, team_id=revoked.team_id, prefix=revoked.prefix)
         return revoked
 
     # -- the model catalog ------------------------------------------------------------------------
