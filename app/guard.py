@@ -4,9 +4,17 @@
 `api_key_expired` on the customer endpoints; 401 `invalid_admin_token` on the admin API) per client
 address, in this process's memory: no Redis round trip, so it works while Redis is away and costs
 a dict lookup per authentication. Each address has a token bucket of `per_minute` tokens refilled
-at `per_minute` per minute; a failure takes one. An address with no token left is refused with 429
-`rate_limit_exceeded` and a `Retry-After` until a token is back, before its key is looked up.
-Successful authentications cost nothing and change nothing.
+at `per_minute` per minute; a failure takes one. Successful authentications cost nothing and
+change nothing.
+
+What the limit protects is the key store, not the keys (they are 256-bit random: nobody guesses
+one), and an address may be a whole company behind one NAT. So it never refuses a valid
+credential (CONTRACT.md §4): an address with no token left still has the admin token accepted
+(compared in memory, no store involved) and any key the store has issued looked up as usual;
+only a key the store never issued is refused, with 429 `rate_limit_exceeded` and a `Retry-After`,
+without a lookup. Which keys were issued, a node knows from its copy of the store's digest log
+(`KeyStore.digests`, app/keystore.py `KnownDigests`), read once per 50 ms at most however many
+wrong keys arrive.
 
 The table is bounded: an address whose bucket is full again is forgotten (it is the same as an
 address never seen), and past `max_addresses` the address that failed least recently is dropped,
@@ -124,16 +132,16 @@ class AuthGuard:
         refilled = (now - bucket.stamp) * self.per_minute / 60.0  # exact for whole seconds
         return min(float(self.per_minute), bucket.tokens + refilled)
 
-    def check(self, address: str) -> None:
-        """Raise 429 `rate_limit_exceeded` when `address` has no failure left."""
-        bucket = self._table.get(address)
+    def refusal(self, address: str | None) -> GatewayError | None:
+        """429 `rate_limit_exceeded` when `address` has no failure left, else None."""
+        bucket = self._table.get(address) if address is not None else None
         if bucket is None:
-            return
+            return None
         tokens = self._tokens(bucket, self._clock())
         if tokens >= 1.0:
-            return
+            return None
         retry_after = max(1, math.ceil((1.0 - tokens) * 60.0 / self.per_minute))
-        raise GatewayError(
+        return GatewayError(
             Code.RATE_LIMIT_EXCEEDED,
             "Too many failed authentications from this address; "
             f"retry in {retry_after} s with a valid key.",
@@ -171,13 +179,11 @@ class AuthGuard:
                 return
             table.popitem(last=False)
 
-    def admit(self, request: web.BaseRequest) -> str | None:
-        """Refuse an address with no failure left; else the address to charge a failure to."""
+    def address_of(self, request: web.BaseRequest) -> str | None:
+        """The address to judge and charge `request` by; None when the limit is off."""
         if self.per_minute <= 0:
             return None
-        address = self.address(request)
-        self.check(address)
-        return address
+        return self.address(request)
 
     def charge(self, address: str | None, err: GatewayError) -> None:
         """Count `err` against `address` when it is a failed authentication."""

@@ -35,13 +35,16 @@ async def authenticate(
 ) -> tuple[Principal, ApiKey, Team]:
     """The gateway key of a request, or the refusal (401/403/429/503) it gets.
 
-    An address out of failed authentications gets 429 before its key is looked up (no Redis
-    round trip: the refusal costs nothing and works while Redis is away); a 401 counts against
-    it (app/guard.py). `fresh`: ask Redis even for a secret this node has seen
-    (NodeView.lookup_secret).
+    From an address out of failed authentications (app/guard.py) a key the store never issued
+    gets 429 without a lookup; any other key is looked up and served as usual, so a valid key is
+    never refused for other people's failures. A 401 counts against the address. `fresh`: ask
+    Redis even for a secret this node has seen (NodeView.lookup_secret).
     """
     guard = request.app[AUTH_GUARD]
-    address = guard.admit(request)
+    address = guard.address_of(request)
+    refused = guard.refusal(address)
+    if refused is not None and not await node.view.may_be_issued(bearer(request)):
+        raise refused
     try:
         return await _lookup_key(node, request, fresh)
     except GatewayError as err:

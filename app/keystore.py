@@ -6,6 +6,9 @@ Redis layout (every key and channel under the configured prefix `P`):
 - `P:key:<id>` (JSON ApiKey, holding only the secret's SHA-256) and the set `P:keys`: kept after
   revocation, to answer `api_key_revoked`.
 - `P:secret:<sha256>` → key id, for current and rotated secrets (old ones answer `api_key_expired`).
+- `P:digests` (stream, field `d`): the SHA-256 of every secret ever issued, appended by the write
+  that issues it; `P:digests:complete` once keys from before the stream are in it
+  (`KnownDigests`: the failed-authentication limit's way to tell a valid key without a lookup).
 - `P:catalog`: hash `openai/<model>` → JSON Price.
 - `P:version`: bumped by every admin write; nodes poll it to refresh their view (≤ 0.25 s).
 - `P:rl:<key id>`: sorted set of accepted turns in the last 60 s; expires 61 s after the last.
@@ -14,7 +17,8 @@ Redis layout (every key and channel under the configured prefix `P`):
 - `P:session:<socket id>` (JSON): what `GET /admin/v1/sessions` shows; 45 s, refreshed.
 
 Races: socket caps are checked and taken in one Lua script (two nodes cannot both take the last
-slot); rate-limit windows likewise. Redis errors become `GatewayError(service_unavailable)` here.
+slot); rate-limit windows likewise; admin writes that read a record first run under WATCH and
+MULTI/EXEC (`KeyStore._transaction`). Redis errors become `GatewayError(service_unavailable)` here.
 """
 
 from __future__ import annotations
@@ -341,6 +345,7 @@ class KeyStore:
         self._releaser: asyncio.Task[None] | None = None
         # Admin writes made through this store: a node's cached secrets are stale after one.
         self.writes = 0
+        self.lookups = 0  # secrets looked up (lookup_digest), for the guard's measurements
         self._spares: dict[str, _Spares] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -418,6 +423,7 @@ class KeyStore:
 
     async def lookup_digest(self, digest: str) -> tuple[ApiKey | None, int]:
         """The key whose secret hashes to `digest`, and the store's version."""
+        self.lookups += 1
         raw, version = await self._call(
             self._batch.call(
                 self._lookup, [self.k("secret", digest), self.k("version")], [self.k("key", "")]
@@ -773,6 +779,94 @@ def _b(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
+class KnownDigests:
+    """Every secret digest the store has issued, as this node last read them: what lets the
+    failed-authentication limit (app/guard.py) refuse a flood of wrong keys without a Redis
+    lookup each, and still serve a valid key it has never seen.
+
+    Each admin write that issues a secret appends its digest to a Redis stream (`P:digests`,
+    in the write's transaction); keys written before the stream existed are appended once by
+    `KeyStore.backfill_digests`, which then marks the stream complete. This node reads the
+    stream from where it last stopped, at start, after each change of the store's version, and
+    when asked about a digest it does not hold: such a question waits for a read that began
+    after it was asked (reads are shared and at least SYNC_SPACING_SECONDS apart), so a key
+    issued anywhere before the request is known by then. A flood of wrong keys therefore costs
+    at most one small read of the stream per SYNC_SPACING_SECONDS, not a lookup per key.
+
+    Only 64 bits of each digest are kept (8 bytes and a set slot per secret ever issued); a
+    wrong key matches one of a million digests with a chance of 1 in 2**44, and then is
+    looked up as any key is. Digests stay after revocation or expiry: those keys are looked
+    up and answered as before.
+    """
+
+    SYNC_SPACING_SECONDS = 0.05
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self._known: set[int] = set()
+        self._last_id = "0-0"
+        self._complete = False  # the stream holds every issued digest (backfilled)
+        self._began = float("-inf")  # time.monotonic() when the last read began
+        self._reading: asyncio.Task[None] | None = None
+        self.reads = 0  # reads of the log begun
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    @staticmethod
+    def _short(digest: str) -> int:
+        return int(digest[:16], 16)
+
+    async def may_be_issued(self, digest: str) -> bool:
+        """False only when no secret with this digest was issued before this call; 503
+        `service_unavailable` when the log could not be read."""
+        if self._short(digest) in self._known:
+            return True
+        asked = time.monotonic()
+        while self._began < asked:
+            if self._reading is None:
+                self.refresh()
+            assert self._reading is not None
+            # Redis did not answer: 503, as the lookup would answer (a lookup per wrong key on
+            # a hung Redis would hold each request for its timeout).
+            await asyncio.shield(self._reading)
+        return not self._complete or self._short(digest) in self._known
+
+    def refresh(self) -> None:
+        """Read what was issued since the last read, in the background."""
+        if self._reading is None:
+            self._reading = asyncio.create_task(self._read(), name="known-digests")
+            self._reading.add_done_callback(_retrieve)
+
+    async def close(self) -> None:
+        await _cancelled(self._reading)
+
+    async def _read(self) -> None:
+        try:
+            wait = self._began + self.SYNC_SPACING_SECONDS - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._began = time.monotonic()
+            self.reads += 1
+            if not self._complete:
+                await self.store.backfill_digests()
+            while True:
+                complete, digests, self._last_id = await self.store.digests_after(self._last_id)
+                self._complete = self._complete or complete
+                self._known.update(self._short(d) for d in digests)
+                if len(digests) < DIGEST_PAGE:
+                    return
+        finally:
+            self._reading = None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A background read's failure is the next one's to retry; never 'exception never
+    retrieved'."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(frozen=True)
 class View:
     """A node's copy of what every turn checks: teams and prices (refreshed within 1 s)."""
@@ -799,6 +893,7 @@ class NodeView:
         self.read_at = float("-inf")  # time.monotonic() of the last version Redis answered
         # secret hash -> (its key, the store's version then, the store's local writes then)
         self._secrets: dict[str, tuple[ApiKey, int, int]] = {}
+        self.digests = KnownDigests(store)
 
     async def lookup_secret(
         self, secret: str, *, fresh: bool = False
@@ -835,6 +930,11 @@ class NodeView:
         self._secrets[digest] = (key, version, writes)
         return (key, digest), version
 
+    async def may_be_issued(self, secret: str | None) -> bool:
+        """False only for a secret the store never issued (`KnownDigests`); 503 when Redis
+        cannot tell."""
+        return secret is not None and await self.digests.may_be_issued(hash_secret(secret))
+
     async def load(self) -> bool:
         try:
             version = await self.store.version()
@@ -846,6 +946,7 @@ class NodeView:
         except GatewayError:
             return False
         self.view = View(version=version, teams=teams, catalog=catalog)
+        self.digests.refresh()  # a write may have issued a secret
         return True
 
     async def start(self) -> None:
@@ -868,6 +969,7 @@ class NodeView:
                 log.exception("node view refresh failed")
 
     async def stop(self) -> None:
+        await self.digests.close()
         if self._task:
             self._task.cancel()
             try:

@@ -85,17 +85,19 @@ async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.S
 
 
 def _admin_refusal(request: web.Request) -> GatewayError | None:
-    """TLS proxy (if configured), then the address's failures, then the token."""
+    """TLS proxy (if configured), then the token; a wrong token from an address out of failed
+    authentications gets 429 instead of 401. The right token is never refused for other
+    people's failures (CONTRACT.md §4)."""
     settings = request.app[NODE].settings
     if settings.admin_require_tls_proxy and not admin_over_tls(request):
         return GatewayError(Code.ADMIN_TLS_REQUIRED)
-    guard = request.app[AUTH_GUARD]
-    try:
-        address = guard.admit(request)
-    except GatewayError as err:
-        return err
     if token_ok(bearer(request), settings.admin_token):
         return None
+    guard = request.app[AUTH_GUARD]
+    address = guard.address_of(request)
+    refused = guard.refusal(address)
+    if refused is not None:
+        return refused
     refused = GatewayError(Code.INVALID_ADMIN_TOKEN)
     guard.charge(address, refused)
     return refused
