@@ -169,23 +169,11 @@ async def gateway(
 
 
 @pytest.fixture
-async def node_b(
-    gateway: Gateway,
-    aiohttp_server: Any,
-    redis_url: str,
-    redis_prefix: str,
-    database_url: str,
-    sim: Sim,
-    tmp_path: Path,
-) -> Gateway:
-    """A second node beside `gateway` (node A): same Redis prefix, Postgres and upstream."""
-    settings = gateway_settings(
-        redis_url,
-        redis_prefix,
-        database_url,
-        sim.base_url,
-        tmp_path / "spill-b",
-        GATEWAY_NODE_ID="node-b",
+async def node_b(gateway: Gateway, aiohttp_server: Any, tmp_path: Path) -> Gateway:
+    """A second node beside `gateway` (node A): same settings (Redis prefix, Postgres, upstream)
+    but its node id and spill directory."""
+    settings = gateway.node.settings.model_copy(
+        update={"node_id": "node-b", "spill_dir": tmp_path / "spill-b"}
     )
     app = create_app(settings)
     return Gateway(await aiohttp_server(app), app)
