@@ -719,8 +719,9 @@ class Session:
 
     async def _forward_final(self, turn: Turn, text: str) -> bool:
         turn.events += 1
-        if turn.first_event_at is None:
-            turn.first_event_at = time.perf_counter()
+        if turn.first_event_at is None:  # a turn whose first event ends it (an error, failed)
+            turn.first_event_at = first = time.perf_counter()
+            metrics.TIME_TO_FIRST_EVENT.observe(first - turn.started)
         return await self._send(text)
 
     async def _on_upstream_error(
