@@ -150,6 +150,13 @@ POSTGRES_UP = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livemax",
 )
+# Not in CONTRACT.md §6: a node whose slot leases are not renewed lets its sockets' caps lapse
+# (LEASE_MS after the last renewal) while its sockets keep serving; nothing else shows that.
+LEASE_RENEWAL_FAILURES_TOTAL = Counter(
+    "gateway_lease_renewal_failures_total",
+    "Failed renewals of this node's socket slot leases and session records (per call).",
+    registry=REGISTRY,
+)
 UPSTREAM_POOL_READY = Gauge(
     "gateway_upstream_pool_ready",
     "Warm upstream sockets waiting in the pool (GATEWAY_UPSTREAM_POOL_SIZE per credential).",

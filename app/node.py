@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from app import metrics
 from app.config import Settings
 from app.errors import GatewayError
 from app.keystore import KeyStore, NodeView
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from app.ledger import Ledger
     from app.session import Session
 
+log = logging.getLogger("gateway.node")
 
 # Sockets whose slot leases are renewed in one Redis pipeline (4 commands each).
 LEASE_CHUNK = 32
@@ -51,6 +55,7 @@ class Node:
         # Built here so it is never None for a session; it opens nothing until `start`.
         self.pool = UpstreamPool(settings, self.credential)
         self._lease_task: asyncio.Task[None] | None = None
+        self._renewals = _RenewalStreak()
 
     def credential(self, name: str) -> str | None:
         """The upstream key a team's credential NAME points at on this node, if set."""
@@ -135,8 +140,10 @@ class Node:
                 entries: list[Any] = [(s.principal, s.id, s.info()) for s in chunk]
                 try:
                     await self.store.refresh_leases(entries)
-                except Exception:
-                    pass
+                except Exception as exc:
+                    self._renewals.failed(exc)
+                else:
+                    self._renewals.succeeded()
 
     async def start(self) -> None:
         from app.upstream import new_http_session
@@ -153,6 +160,39 @@ class Node:
         await self.pool.close()
         if self.http:
             await self.http.close()
+
+
+class _RenewalStreak:
+    """Failed lease renewals: every one counted, one log line when a streak of them starts and
+    one when it ends (Redis away for an hour must not log every tick)."""
+
+    __slots__ = ("failures", "since")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.since = 0.0
+
+    def failed(self, exc: Exception) -> None:
+        metrics.LEASE_RENEWAL_FAILURES_TOTAL.inc()
+        self.failures += 1
+        if self.failures == 1:
+            self.since = time.monotonic()
+            cause = exc.__cause__ or exc
+            log.warning(
+                "slot lease renewal failing: this node's socket caps lapse while it does",
+                extra={"detail": f"{type(cause).__name__}: {cause}"[:200]},
+            )
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info(
+                "slot lease renewal working again",
+                extra={
+                    "failures": self.failures,
+                    "failing_seconds": round(time.monotonic() - self.since, 1),
+                },
+            )
+            self.failures = 0
 
 
 def _next_boundary(key: ApiKey, now: datetime) -> datetime | None:

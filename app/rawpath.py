@@ -25,9 +25,13 @@ the reader lowers it after each message it has handled (`Session._read_upstream`
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("gateway.rawpath")
 
 # Frames over this size take aiohttp's path (which enforces the upstream frame limit); small
 # frames are buffered here until complete.
@@ -47,6 +51,10 @@ Sink = Callable[[bytes, int, int, int], bool]
 # time.perf_counter): to the client, in one write.
 Write = Callable[[bytes, int, float], None]
 
+# The reasons `install` stayed out that were logged already: once each per process, not once
+# per upstream socket (after an aiohttp upgrade every socket would say the same).
+_LOGGED: set[str] = set()
+
 
 class RawForwarder:
     """The upstream connection's payload parser: splits frames, forwards or hands them on."""
@@ -64,17 +72,32 @@ class RawForwarder:
 
     @classmethod
     def install(cls, ws: Any, sink: Sink, write: Write) -> RawForwarder | None:
-        """Put a forwarder in front of `ws`'s reader; None where aiohttp is not as expected."""
-        connection = getattr(ws, "_conn", None)
-        protocol = getattr(connection, "protocol", None)
+        """Put a forwarder in front of `ws`'s reader; None (aiohttp's path) where aiohttp's
+        internals are not as expected. Each of them is needed: without the reader's queue, say,
+        raw frames would overtake the messages aiohttp holds already."""
+        protocol = getattr(getattr(ws, "_conn", None), "protocol", None)
         inner = getattr(protocol, "_payload_parser", None)
-        if protocol is None or inner is None or inner is not getattr(ws, "_parser", None):
-            return None
-        forwarder = cls(inner, sink, write)
-        queued = getattr(getattr(ws, "_reader", None), "_buffer", ())
-        forwarder.pending = len(queued)  # what aiohttp holds already comes first
-        protocol._payload_parser = forwarder
-        return forwarder
+        queued = getattr(getattr(ws, "_reader", None), "_buffer", None)
+        if protocol is None:
+            reason = "no connection protocol at ws._conn.protocol"
+        elif inner is None or inner is not getattr(ws, "_parser", None):
+            reason = "the protocol's _payload_parser is not the socket's _parser"
+        elif not all(callable(getattr(inner, name, None)) for name in ("feed_data", "feed_eof")):
+            reason = "the payload parser has no feed_data/feed_eof"
+        elif not isinstance(queued, deque):
+            reason = "ws._reader._buffer is missing or not a deque"
+        else:
+            forwarder = cls(inner, sink, write)
+            forwarder.pending = len(queued)  # what aiohttp holds already comes first
+            protocol._payload_parser = forwarder
+            return forwarder
+        if reason not in _LOGGED:
+            _LOGGED.add(reason)
+            log.warning(
+                "raw forwarding off for this upstream socket: aiohttp is not as expected",
+                extra={"reason": reason},
+            )
+        return None
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()

@@ -184,6 +184,7 @@ async def _relay_json(
 ) -> web.Response:
     raw = await upstream.read()
     turn.first_byte = time.perf_counter()
+    metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)  # as the ledger's ttfe
     if upstream.status >= 400:
         # OpenAI's 401 quotes the operator's key (masked but for 12 characters): never ours to
         # pass on. Errors only: a response body is the customer's own content.

@@ -105,6 +105,17 @@ def event_type(text: str) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def with_stream_id(text: str, stream_id: str) -> str:
+    """One event (a JSON object) with `"stream_id":<stream_id>` (already JSON) added at its top
+    level: spliced in before its closing brace, never parsed or serialized again."""
+    body = text.strip()
+    if not (body.startswith("{") and body.endswith("}")):
+        return text  # not an object: passed on as it came, for the checks to judge
+    if '"' in body:  # it has members: the lane follows them
+        return f'{body[:-1]},"stream_id":{stream_id}}}'
+    return f'{{"stream_id":{stream_id}}}'
+
+
 class Turn:
     """One accepted `response.create` until its terminal event."""
 
@@ -708,8 +719,9 @@ class Session:
 
     async def _forward_final(self, turn: Turn, text: str) -> bool:
         turn.events += 1
-        if turn.first_event_at is None:
-            turn.first_event_at = time.perf_counter()
+        if turn.first_event_at is None:  # a turn whose first event ends it (an error, failed)
+            turn.first_event_at = first = time.perf_counter()
+            metrics.TIME_TO_FIRST_EVENT.observe(first - turn.started)
         return await self._send(text)
 
     async def _on_upstream_error(
@@ -794,6 +806,10 @@ class Session:
         metrics.UPSTREAM_RETRIES_TOTAL.labels(reason="http_fallback").inc()
         body = turn.frame.upstream_body()
         del body["type"]
+        # `stream_id` is WebSocket-only, no field of `POST /responses`: the gateway puts it on
+        # every event of the turn itself, as OpenAI's WebSocket would (CONTRACT.md §3).
+        stream_id = body.pop("stream_id", None)
+        stamp = None if stream_id is None else orjson.dumps(stream_id).decode()
         previous = turn.frame.previous_response_id
         if previous is not None:
             chain = self.memory.chain_for(previous)
@@ -821,10 +837,14 @@ class Session:
                 body,
                 timeout=settings.upstream_handshake_seconds,
             ):
+                if stamp is not None:
+                    data = with_stream_id(data, stamp)
                 if self.turn is not turn or not await self._on_upstream_text(None, data):
                     return
         except UpstreamHTTPError as exc:
             event = {"type": "error", "status": exc.status, "error": exc.body["error"]}
+            if stream_id is not None:
+                event["stream_id"] = stream_id
             await self._on_upstream_text(None, orjson.dumps(event).decode())
         if self.turn is turn:  # the stream ended without a terminal event
             await self._end_turn(turn, "error", error=_closed_error(code, reason))

@@ -11,6 +11,7 @@ closed a socket, and a response the client left is `cancelled`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from services import RedisServer, fresh_redis_prefix
 from test_ws_checks import assert_error, assert_usable
 from test_ws_handshake import assert_http_error, handshake
 
+from app import keystore
 from app.models import Limits
 from app.server import create_app
 
@@ -226,6 +228,56 @@ async def test_a_hung_redis_gets_handshakes_and_readyz_a_503_within_a_second_or_
     # HANDSHAKE_DEADLINE_SECONDS is 1 and a timeout is not retried: a handshake waits for at
     # most its secret's lookup and its slot's call (about 2 s here), not the ~6 s of retries.
     assert handshake_took < 3.0 and readyz_took < 2.0
+    await assert_usable(live_socket, "after")
+
+
+@pytest.fixture
+def quick_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slot leases renewed every 0.1 s, not 15 (read when the node's renewal loop starts)."""
+    monkeypatch.setattr(keystore, "LEASE_REFRESH_SECONDS", 0.1)
+
+
+async def test_failing_lease_renewals_are_counted_and_logged_once_per_streak(
+    quick_leases: None,
+    redis_gateway: Gateway,
+    own_redis: RedisServer,
+    live_socket: aiohttp.ClientWebSocketResponse,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A renewal that keeps failing lets the node's socket caps lapse after 45 s: the operator
+    sees it in a counter and in one log line per streak (and one when it works again)."""
+    caplog.set_level(logging.INFO, logger="gateway.node")
+
+    async def failures() -> float:
+        text = (await get(redis_gateway, "/metrics"))[1]
+        return gauge(text, "gateway_lease_renewal_failures_total")
+
+    def lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "gateway.node"]
+
+    before = await failures()
+    own_redis.freeze()
+    try:
+
+        async def three_more() -> bool:
+            return await failures() >= before + 3
+
+        await wait_for(three_more, timeout=15)  # each renewal waits out Redis' 1 s timeout
+    finally:
+        own_redis.thaw()
+    (failing,) = lines()
+    assert failing.levelno == logging.WARNING and "renew" in failing.getMessage()
+
+    def recovered() -> bool:
+        return len(lines()) == 2
+
+    await wait_for(recovered, timeout=10)
+    back = lines()[1]
+    assert back.levelno == logging.INFO and back.__dict__["failures"] >= 3
+    settled = await failures()
+    await asyncio.sleep(0.5)  # five renewals more, all of them through
+    assert await failures() == settled
+    assert len(lines()) == 2
     await assert_usable(live_socket, "after")
 
 

@@ -115,6 +115,69 @@ async def test_retry_and_fallback_are_flagged(
     ]
 
 
+# -- the time to first event: the histogram agrees with the ledger -------------------------------
+
+
+async def ttfe_histogram(gateway: Gateway) -> tuple[float, float]:
+    """`gateway_time_to_first_event_seconds`: (count, sum), from the real `/metrics`."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.url("/metrics")) as resp:
+            text = await resp.text()
+    values = dict(
+        line.rsplit(" ", 1)
+        for line in text.splitlines()
+        if line.startswith("gateway_time_to_first_event_seconds_")
+    )
+    return (
+        float(values["gateway_time_to_first_event_seconds_count"]),
+        float(values["gateway_time_to_first_event_seconds_sum"]),
+    )
+
+
+async def post_json(gateway: Gateway, tenant: Tenant) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.url("/v1/responses"),
+            headers={"Authorization": f"Bearer {tenant.key}"},
+            json={"model": MODEL, "input": "hello"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "error",  # the upstream's previous_response_not_found, nothing remembered to retry with
+        "response.failed",  # a terminal event before any other
+        "http_json",  # POST /v1/responses without stream: one answer, its first byte
+        "response.created",  # the usual turn, for comparison
+    ],
+)
+async def test_every_turn_with_a_ttfe_observes_the_histogram_once(
+    gateway: Gateway, tenant: Tenant, connect: Connect, database_url: str, first: str
+) -> None:
+    before = await ttfe_histogram(gateway)
+    if first == "http_json":
+        await post_json(gateway, tenant)
+    else:
+        fields: dict[str, Any] = {
+            "error": {"previous_response_id": "resp_unknown"},
+            "response.failed": {
+                "metadata": {"sim_fault": "response_failed", "sim_fault_after": "0"}
+            },
+            "response.created": {},
+        }[first]
+        async with connect() as ws:
+            events = await turn(ws, **fields)
+        assert events[0]["type"] == first, events
+    after = await ttfe_histogram(gateway)
+    assert await gateway.node.ledger.flushed(10)
+    (row,) = await fetch(database_url, "SELECT ttfe_ms FROM turns WHERE key_id = $1", tenant.key_id)
+    assert row["ttfe_ms"] is not None and row["ttfe_ms"] > 0
+    assert after[0] == before[0] + 1, (before, after)
+    assert after[1] - before[1] == pytest.approx(row["ttfe_ms"] / 1000, abs=1e-6)
+
+
 # -- Postgres outages ----------------------------------------------------------------------------
 
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import struct
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import WebSocketError, WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.client_proto import ResponseHandler
-from conftest import Connect, Gateway, create, recv, send, until_terminal
+from conftest import UPSTREAM_KEY, Connect, Gateway, Sim, create, recv, send, until_terminal
 
+from app import rawpath, session
 from app.rawpath import RAW_MAX, RawForwarder
+from app.upstream import UpstreamConn
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, wide: bool = False) -> bytes:
@@ -222,3 +228,105 @@ async def test_a_model_check_still_answers_while_deltas_go_raw(
         numbers = [e["sequence_number"] for e in rest]
         assert numbers == list(range(len(rest)))
         assert rest[-1]["type"] == "response.completed"
+
+
+# -- aiohttp's internals not as expected: the forwarder stays out ----------------------------------
+
+_MISSING = object()
+
+
+class Reader:
+    """aiohttp's WebSocketDataQueue as another aiohttp might have it: its queue of messages
+    (`_buffer`) gone or of another type; everything else is the real queue's."""
+
+    def __init__(self, inner: Any, buffer: Any = _MISSING) -> None:
+        self._inner = inner
+        self._replacement = buffer
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_buffer":
+            if self._replacement is _MISSING:
+                raise AttributeError(name)
+            return self._replacement
+        return getattr(self._inner, name)
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "gateway.rawpath"]
+
+
+@pytest.fixture
+def fresh_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kind of refusal is logged once per process: start this test with none logged."""
+    monkeypatch.setattr(rawpath, "_LOGGED", set(), raising=False)
+
+
+@pytest.fixture
+async def upstream_ws(sim: Sim) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """A real aiohttp client WebSocket, as the session opens them (to the simulator)."""
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+        async with http.ws_connect(sim.base_url + "/responses", headers=headers) as ws:
+            yield ws
+
+
+@pytest.mark.parametrize("buffer", [_MISSING, [], None], ids=["missing", "list", "none"])
+async def test_install_refuses_a_reader_without_its_queue(
+    upstream_ws: aiohttp.ClientWebSocketResponse,
+    fresh_refusals: None,
+    caplog: pytest.LogCaptureFixture,
+    buffer: Any,
+) -> None:
+    """Without the reader's queue the forwarder cannot know what aiohttp holds already: frames
+    sent raw would overtake it. It stays out, and says so once."""
+    ws = upstream_ws
+    protocol = ws._conn.protocol  # type: ignore[union-attr]
+    parser = protocol._payload_parser  # type: ignore[union-attr]
+    ws._reader = Reader(ws._reader, buffer)  # type: ignore[assignment]
+    for _ in range(2):
+        assert RawForwarder.install(ws, lambda d, s, p, e: True, lambda f, c, r: None) is None
+    assert protocol._payload_parser is parser  # type: ignore[union-attr]
+    (line,) = refusals(caplog)
+    assert line.levelno == logging.WARNING and "_buffer" in line.__dict__["reason"]
+    await send(ws, create(model="gpt-test"))  # aiohttp's own path still reads every event
+    events = await until_terminal(ws)
+    assert events[-1]["type"] == "response.completed"
+
+
+async def test_install_takes_a_reader_as_expected(
+    upstream_ws: aiohttp.ClientWebSocketResponse,
+    fresh_refusals: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    forwarder = RawForwarder.install(upstream_ws, lambda d, s, p, e: False, lambda f, c, r: None)
+    assert forwarder is not None and not refusals(caplog)
+
+
+async def test_a_session_whose_reader_lacks_its_queue_forwards_every_event_in_order(
+    gateway: Gateway,
+    connect: Connect,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_refusals: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    opened = session.open_upstream
+
+    async def open_without_queue(*args: Any, **kwargs: Any) -> UpstreamConn:
+        conn = await opened(*args, **kwargs)
+        conn.ws._reader = Reader(conn.ws._reader)  # type: ignore[assignment]
+        return conn
+
+    monkeypatch.setattr(session, "open_upstream", open_without_queue)
+    async with connect() as ws:
+        for _ in range(2):
+            await send(ws, create(metadata={"sim_deltas": "60"}))
+            events = await until_terminal(ws)
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))
+            assert events[-1]["type"] == "response.completed"
+            deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+            assert len(deltas) == 60
+            done = next(e for e in events if e["type"] == "response.output_text.done")
+            assert "".join(deltas) == done["text"]
+        (live,) = gateway.node.sessions
+        assert live.raw is None  # aiohttp's path: the reader's queue could not be seen
+    assert len(refusals(caplog)) == 1

@@ -11,7 +11,7 @@ from app import sse
 from app.errors import SPECS, Code, GatewayError, error_type_for
 from app.memory import ConversationMemory, MemoryBudget
 from app.protocol import Ignored, parse_client_frame
-from app.session import event_type
+from app.session import event_type, with_stream_id
 
 CONTRACT_TABLE = {
     "invalid_response_create": (400, None),
@@ -108,6 +108,28 @@ def test_decimal_sampling_is_detected(value: str, decimal: bool) -> None:
 )
 def test_event_type(text: str, kind: str | None) -> None:
     assert event_type(text) == kind
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"response.created","response":{"id":"r","output":[]}}',
+        '{ "type" : "response.output_text.delta", "delta": "}" }\n',
+        "{}",
+        " { } ",
+    ],
+)
+@pytest.mark.parametrize("stream_id", ["lane", 7, {"a": [1]}])
+def test_with_stream_id_adds_the_lane_at_the_top_level(text: str, stream_id: Any) -> None:
+    stamped = with_stream_id(text, orjson.dumps(stream_id).decode())
+    assert orjson.loads(stamped) == {**orjson.loads(text), "stream_id": stream_id}
+    if text.startswith('{"type":"'):
+        assert event_type(stamped) == event_type(text)  # its type still read without parsing
+
+
+@pytest.mark.parametrize("text", ["not json", "[1]", '"s"', ""])
+def test_with_stream_id_leaves_what_is_no_object(text: str) -> None:
+    assert with_stream_id(text, '"lane"') == text
 
 
 def _msg(text: str) -> dict[str, Any]:

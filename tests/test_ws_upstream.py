@@ -327,6 +327,92 @@ async def test_decimal_fallback_of_an_unknown_chain_is_not_found(connect: Connec
         await assert_usable(ws)
 
 
+# -- stream_id on the turns the gateway serves itself --------------------------------------------
+
+
+def assert_lane(events: list[dict[str, Any]], stream_id: object) -> None:
+    """Every event carries exactly the client's stream_id (the same JSON type too)."""
+    lanes = [(e["type"], e.get("stream_id", "<none>")) for e in events]
+    assert all(lane == stream_id and type(lane) is type(stream_id) for _, lane in lanes), lanes
+
+
+@pytest.mark.parametrize("stream_id", ["lane-7", 42], ids=["string", "integer"])
+@pytest.mark.parametrize("fault", [None, "response_failed", "status_500", "drop"])
+async def test_fallback_turn_carries_the_stream_id_on_every_event(
+    connect: Connect, sim: Sim, stream_id: object, fault: str | None
+) -> None:
+    metadata = {} if fault is None else {"sim_http_fault": fault}
+    async with connect() as ws:
+        events = await turn(ws, temperature=0.7, stream_id=stream_id, metadata=metadata)
+        await assert_usable(ws)
+    ends = {
+        None: "response.completed",
+        "response_failed": "response.failed",
+        "status_500": "error",
+        "drop": "error",
+    }
+    assert events[-1]["type"] == ends[fault], events[-1]
+    if fault in (None, "response_failed"):
+        assert events[0]["type"] == "response.created" and len(events) > 3
+    assert_lane(events, stream_id)
+    (http,) = [r for r in await sim.requests() if r["conn"] is None]
+    assert "stream_id" not in http["body"]  # WebSocket-only: not a field of POST /responses
+
+
+async def test_fallback_turn_without_stream_id_gets_none(connect: Connect) -> None:
+    async with connect() as ws:
+        events = await turn(ws, temperature=0.7)
+    assert events[-1]["type"] == "response.completed"
+    assert not [e for e in events if "stream_id" in e]
+
+
+async def test_retried_turn_carries_the_stream_id_on_every_event(
+    connect: Connect, sim: Sim
+) -> None:
+    async with connect() as ws:
+        r1 = (await turn(ws, input=[user("one")], stream_id="lane-1"))[-1]["response"]["id"]
+        events = await turn(
+            ws,
+            input=[user("two")],
+            previous_response_id=r1,
+            metadata={"sim_fault": "forget"},
+            stream_id="lane-2",
+        )
+        assert events[-1]["type"] == "response.completed" and text_of(events) == "echo: two"
+        assert_lane(events, "lane-2")
+        # Chained to an older response: not remembered, no retry; the error is the lane's too.
+        events = await turn(
+            ws,
+            input=[user("three")],
+            previous_response_id=r1,
+            metadata={"sim_fault": "forget"},
+            stream_id="lane-3",
+        )
+        assert_error(events[-1], "previous_response_not_found", 400, "previous_response_id")
+        assert_lane(events, "lane-3")
+    bodies = [r["body"] for r in await sim.requests()]
+    assert bodies[2]["previous_response_id"] is None  # the retry, on the same lane
+    assert bodies[2]["stream_id"] == "lane-2"
+
+
+async def test_openai_python_sees_its_lane_on_a_fallback_turn(
+    gateway: Gateway, tenant: Tenant
+) -> None:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=gateway.url("/v1"), api_key=tenant.key)
+    seen: list[tuple[str, str | None]] = []
+    async with client.responses.connect() as conn:
+        await conn.response.create(
+            model=MODEL, input=[user("x")], temperature=0.7, stream_id="lane-py", store=False
+        )
+        while not seen or seen[-1][0] not in ("response.completed", "error"):
+            event = await conn.recv()
+            seen.append((event.type, getattr(event, "stream_id", None)))
+    assert seen[-1][0] == "response.completed", seen
+    assert {lane for _, lane in seen} == {"lane-py"}, seen
+
+
 # -- conversation memory bounds --------------------------------------------------------------------
 
 
