@@ -3,12 +3,19 @@
 Why not a library: the maintained SSE clients are built on httpx (httpx-sse) and would bring a
 second HTTP stack next to aiohttp; aiohttp-sse-client2 has had no release since 2023. The format
 needs only what is below, and tests/test_sse.py checks it against the specification's rules.
+
+Reading is linear in the stream's length however it is cut into chunks: each chunk is scanned once
+for line ends and the unfinished line is kept aside, so one `response.completed` line of many MiB
+arriving in small chunks costs what one pass over it costs.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+
+_LINE_END = re.compile(rb"\r\n?|\n")  # the specification's three: CRLF, CR, LF
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,32 +25,83 @@ class Event:
     id: str | None = None
 
 
+class Lines:
+    """The lines of a byte stream, whatever its cuts, each line end CRLF, CR or LF.
+
+    A CR is a line end at once, whether or not LF follows; if a chunk ends with CR, an LF that
+    starts the next chunk is the rest of that CRLF, not an empty line of its own.
+    """
+
+    __slots__ = ("_after_cr", "_partial")
+
+    def __init__(self) -> None:
+        self._partial = bytearray()  # the line begun in earlier chunks, not yet ended
+        self._after_cr = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines this chunk ends; only the chunk's own bytes are scanned."""
+        if not chunk:
+            return []
+        if b"\n" not in chunk and b"\r" not in chunk:  # the common case inside a long line
+            self._partial += chunk
+            self._after_cr = False
+            return []
+        start = 1 if self._after_cr and chunk[0] == 0x0A else 0
+        lines: list[bytes] = []
+        for end in _LINE_END.finditer(chunk, start):
+            piece = chunk[start : end.start()]
+            if self._partial:
+                self._partial += piece
+                piece = bytes(self._partial)
+                self._partial.clear()
+            lines.append(piece)
+            start = end.end()
+        self._partial += chunk[start:]
+        self._after_cr = chunk.endswith(b"\r")
+        return lines
+
+
+class Decoder:
+    """Events from lines (the specification's "interpret an event stream")."""
+
+    __slots__ = ("_data", "_event", "_last_id")
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._event = ""
+        self._last_id: str | None = None
+
+    def line(self, raw: bytes) -> Event | None:
+        """The event a line completes, if it is the blank line ending one with data."""
+        if not raw:
+            event = None
+            if self._data:
+                data = "\n".join(self._data)
+                event = Event(data=data, event=self._event or "message", id=self._last_id)
+            self._data, self._event = [], ""
+            return event
+        line = raw.decode("utf-8", "replace")
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self._last_id = value
+        return None
+
+
 async def parse(chunks: AsyncIterable[bytes]) -> AsyncIterator[Event]:
     """Events of a byte stream; a trailing event without its blank line is dropped (as spec'd)."""
-    buffer = b""
-    data: list[str] = []
-    event = ""
-    last_id: str | None = None
+    lines, decoder = Lines(), Decoder()
     async for chunk in chunks:
-        buffer += chunk
-        *lines, buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        for raw in lines:
-            line = raw.decode("utf-8", "replace")
-            if not line:
-                if data:
-                    yield Event(data="\n".join(data), event=event or "message", id=last_id)
-                data, event = [], ""
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "data":
-                data.append(value)
-            elif name == "event":
-                event = value
-            elif name == "id" and "\0" not in value:
-                last_id = value
+        for raw in lines.feed(chunk):
+            event = decoder.line(raw)
+            if event is not None:
+                yield event
 
 
 def encode(data: str, event: str | None = None) -> bytes:

@@ -247,7 +247,7 @@ async def test_text_turn_streams_valid_openai_events(server: TestServer) -> None
         "temperature": 1,
         "top_p": 1.0,
         "metadata": {"k": "v"},
-        "tools": [WEATHER_TOOL],
+        "tools": [{**WEATHER_TOOL, "strict": True}],  # OpenAI's default, filled in
         "tool_choice": "auto",
         "store": False,
         "previous_response_id": None,

@@ -7,7 +7,6 @@ from typing import Any
 import orjson
 import pytest
 
-from app import sse
 from app.errors import SPECS, Code, GatewayError, error_type_for
 from app.memory import ConversationMemory, MemoryBudget
 from app.protocol import Ignored, parse_client_frame
@@ -173,31 +172,3 @@ def test_memory_bound_per_node_drops_least_recently_extended() -> None:
     assert second.chain_for("b1") is None and second.was_dropped("b1")
     assert first.chain_for("a2") is not None
     assert budget.used == first.size
-
-
-async def _chunks(*parts: bytes) -> Any:
-    for part in parts:
-        yield part
-
-
-async def test_sse_parse_follows_the_spec() -> None:
-    stream = _chunks(
-        b": comment\n",
-        b'event: response.created\ndata: {"a":',
-        b"1}\n\n",
-        b"data: line1\r\ndata: line2\r\n\r\n",
-        b"id: 7\ndata:no-space\n\n",
-        b"data: trailing-without-blank-line",
-    )
-    events = [e async for e in sse.parse(stream)]
-    assert events == [
-        sse.Event(data='{"a":1}', event="response.created"),
-        sse.Event(data="line1\nline2"),
-        sse.Event(data="no-space", id="7"),
-    ]
-
-
-async def test_sse_encode_round_trip() -> None:
-    raw = sse.encode("a\nb", "ev")
-    assert raw == b"event: ev\ndata: a\ndata: b\n\n"
-    assert [e async for e in sse.parse(_chunks(raw))] == [sse.Event(data="a\nb", event="ev")]

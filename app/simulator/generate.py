@@ -318,7 +318,7 @@ def response_object(req: CreateRequest, response_id: str, created_at: int, statu
         "temperature": f.get("temperature", 1.0),
         "text": f.get("text", {"format": {"type": "text"}, "verbosity": "medium"}),
         "tool_choice": f.get("tool_choice", "auto"),
-        "tools": f.get("tools", []),
+        "tools": list(req.tools),
         "top_logprobs": f.get("top_logprobs", 0),
         "top_p": f.get("top_p", 1.0),
         "truncation": f.get("truncation", "disabled"),
@@ -349,11 +349,11 @@ def _decide(req: CreateRequest, context: Sequence[Json]) -> str | _Call | None:
     user_text = last_user_text(context)
     if user_text is None:
         return ECHO_PREFIX + NO_INPUT
-    call = _requested_call(user_text, req.fields.get("tools", []))
+    call = _requested_call(user_text, req.tools)
     return call if call is not None else ECHO_PREFIX + user_text
 
 
-def _requested_call(text: str, tools: list[Any]) -> _Call | None:
+def _requested_call(text: str, tools: Iterable[Json]) -> _Call | None:
     functions = dict(function_tools(tools))
     match = _CALL.search(text)
     if match is None or not functions:

@@ -1,8 +1,8 @@
 """Reading a `response.create` (or `POST /v1/responses`, or a compaction) into a checked request.
 
 The checks run in a fixed order and raise the first `SimError` they meet, as OpenAI answers one
-error per request: the model, then each known field's type, then ranges, then what WebSocket mode
-refuses, then the input items.
+error per request: the model, then each known field's type, then ranges, then the fields of each
+tool, then what WebSocket mode refuses, then the input items.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from app.simulator import errors
 from app.simulator.errors import Json
+from app.simulator.tools import echoed_tools
 
 # Known fields whose JSON type is checked: field -> (accepted Python types, how OpenAI names them).
 _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -48,7 +49,8 @@ _SAMPLING = ("temperature", "top_p")
 
 @dataclass(frozen=True)
 class CreateRequest:
-    """A checked request; `fields` keeps every field as received, nulls dropped, for the echo."""
+    """A checked request; `fields` keeps every field as received, nulls dropped, for the echo;
+    `tools` are the request's tools as the response echoes them (app/simulator/tools.py)."""
 
     fields: Json
     model: str
@@ -59,6 +61,7 @@ class CreateRequest:
     stream: bool
     stream_id: str | None
     metadata: dict[str, str]
+    tools: tuple[Json, ...]
 
 
 def create_fields(frame: Json) -> Json:
@@ -88,6 +91,7 @@ def parse_create(fields: Json, *, websocket: bool) -> CreateRequest:
     _check_model(fields)
     _check_types(fields)
     _check_ranges(fields)
+    tools = echoed_tools(fields.get("tools", []))
     if fields.get("background") is True:
         where = "in WebSocket mode" if websocket else "by the simulator"
         raise errors.unsupported_parameter(
@@ -104,6 +108,7 @@ def parse_create(fields: Json, *, websocket: bool) -> CreateRequest:
         stream=fields.get("stream", False),
         stream_id=fields.get("stream_id"),
         metadata=metadata,
+        tools=tools,
     )
 
 
