@@ -141,6 +141,17 @@ def test_admin_commands_refuse_a_bad_url_in_one_line(
     assert_one_line(gateway(tmp_path, env, "teams", "list"), variable)
 
 
+def test_migrate_with_postgres_away_is_one_line(tmp_path: Path) -> None:
+    """Several hosts with ports, none answering: an outage, told in migrate's own line."""
+    one, two = closed_port(), closed_port()
+    url = f"postgresql://postgres@127.0.0.1:{one},127.0.0.1:{two}/gw?sslmode=prefer"
+    done = gateway(tmp_path, command_env(tmp_path, DATABASE_URL=url), "migrate")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-600:]
+    assert done.stderr.startswith("gateway migrate: cannot connect to Postgres at 127.0.0.1:")
+    assert done.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("redis_form", "database_form"),
     [
