@@ -2,7 +2,9 @@
 
 Names are fixed by CONTRACT.md §1. Each command reads only what it uses: `migrate` builds a
 `DatabaseSettings`, `serve` the full `Settings`. A bad value becomes one `ConfigError` line naming
-the variable, which the CLI prints without a traceback.
+the variable, which the CLI prints without a traceback. REDIS_URL and DATABASE_URL are judged as
+redis-py and asyncpg will parse them (app/dsn.py), so a malformed one fails here, not at the first
+connection.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.dsn import check_postgres_url, check_redis_url
 
 MIB = 1024 * 1024
 
@@ -35,11 +39,23 @@ class DatabaseSettings(_Base):
         default="postgresql://postgres@127.0.0.1:5432/gateway", alias="DATABASE_URL"
     )
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        check_postgres_url(value)
+        return value
+
 
 class RedisSettings(_Base):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
     # Namespaces every key and channel, so several deployments (or test runs) share one Redis.
     redis_prefix: str = Field(default="gw", alias="GATEWAY_REDIS_PREFIX", min_length=1)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        check_redis_url(value)
+        return value
 
 
 class Settings(RedisSettings, DatabaseSettings):
@@ -142,9 +158,18 @@ _T = TypeVar("_T", bound=_Base)
 def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
     name = str(err["loc"][0]) if err["loc"] else "?"
-    value = err.get("input")
-    shown = "" if value is None or isinstance(value, dict) else f" (got {value!r})"
-    return f"{name}: {err['msg']}{shown}"
+    msg = err["msg"].removeprefix("Value error, ")  # pydantic's wrapping of a validator's words
+    return f"{name}: {msg}{_shown(name, err.get('input'))}"
+
+
+def _shown(name: str, value: object) -> str:
+    """The value, for the line, unless it is or may hold a secret (a URL's password)."""
+    if value is None or isinstance(value, dict) or name in ("ADMIN_TOKEN", "OPENAI_API_KEY"):
+        return ""
+    text = str(value)
+    if name in ("REDIS_URL", "DATABASE_URL") and ("@" in text or "pass" in text.lower()):
+        return ""
+    return f" (got {value!r})"
 
 
 def load(cls: type[_T], **overrides: object) -> _T:

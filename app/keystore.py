@@ -14,7 +14,8 @@ Redis layout (every key and channel under the configured prefix `P`):
 - `P:rl:<key id>`: sorted set of accepted turns in the last 60 s; expires 61 s after the last.
 - `P:slots:key:<id>`, `P:slots:team:<id>`, `P:sessions`: sorted sets socket id → lease deadline
   (ms); leases are 45 s, refreshed every 15 s, so a dead node's slots lapse within a minute.
-- `P:session:<socket id>` (JSON): what `GET /admin/v1/sessions` shows; 45 s, refreshed.
+- `P:session:<socket id>` (JSON): what `GET /admin/v1/sessions` shows; 45 s, refreshed, and
+  rewritten within SESSION_INFO_BATCH_SECONDS of a turn's end (its model and turn count).
 
 Races: socket caps are checked and taken in one Lua script (two nodes cannot both take the last
 slot); rate-limit windows likewise; admin writes that read a record first run under WATCH and
@@ -68,6 +69,11 @@ RATE_SPARES = 32
 # Closed sockets' slots are given back together, this long after the first of them closed (a
 # handshake refused for a cap first gives back this node's waiting ones and asks again).
 RELEASE_BATCH_SECONDS = 0.05
+# Session records changed by a turn's end are rewritten together, this long after the first of
+# them changed: a listing shows a turn within a second (CONTRACT.md §5) for one pipeline per
+# node per interval, whatever the number of turns.
+SESSION_INFO_BATCH_SECONDS = 0.25
+SESSION_INFO_CHUNK = 256
 RATE_SPARE_FILL = 0.5
 RATE_SPARE_SECONDS = 0.5
 # Secrets this node has looked up, reused while the store's version has not moved (NodeView).
@@ -343,6 +349,8 @@ class KeyStore:
         self._batch = _Batcher(self.redis)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
+        self._infos: dict[str, bytes] = {}  # socket id -> its changed session record
+        self._info_writer: asyncio.Task[None] | None = None
         # Admin writes made through this store: a node's cached secrets are stale after one.
         self.writes = 0
         self.lookups = 0  # secrets looked up (lookup_digest), for the guard's measurements
@@ -359,6 +367,7 @@ class KeyStore:
         await _cancelled(self._releaser)
         with contextlib.suppress(GatewayError):
             await self.flush_releases()
+        await _cancelled(self._info_writer)  # the records go with their sockets' releases
         await self._batch.close()
         await self.redis.aclose()
 
@@ -736,6 +745,7 @@ class KeyStore:
         """Give back a closed socket's slots and session record, within RELEASE_BATCH_SECONDS
         and with the other sockets closed meanwhile: one call for a burst of closes."""
         self._releases.append((principal.key_id, principal.team_id, socket_id))
+        self._infos.pop(socket_id, None)
         if self._releaser is None:
             self._releaser = asyncio.create_task(self._release_later(), name="slot-release")
 
@@ -759,6 +769,37 @@ class KeyStore:
                 self.k("session", socket_id),
             ]
         await self._call(self._batch.call(self._release, keys, [s for *_, s in batch]))
+
+    def update_session(self, socket_id: str, info: dict[str, Any]) -> None:
+        """Rewrite a live socket's session record (a turn ended), within
+        SESSION_INFO_BATCH_SECONDS and together with the others changed meanwhile."""
+        self._infos[socket_id] = orjson.dumps(info)
+        if self._info_writer is None:
+            self._info_writer = asyncio.create_task(self._write_infos_later(), name="session-infos")
+
+    async def _write_infos_later(self) -> None:
+        try:
+            await asyncio.sleep(SESSION_INFO_BATCH_SECONDS)
+        finally:
+            self._info_writer = None
+        with contextlib.suppress(GatewayError):
+            await self.flush_session_infos()  # Redis away: the next lease renewal carries them
+
+    async def flush_session_infos(self) -> None:
+        batch, self._infos = self._infos, {}
+        if not batch:
+            return
+        # XX, the race with a socket's end: its release (_RELEASE, on another connection) may
+        # reach Redis before this write. A plain SET would then bring the deleted record back
+        # for a whole lease; with XX the write lands only on a record that still exists, and a
+        # release that comes after it deletes it as usual. (A socket that closed before this
+        # flush was already dropped from the batch by release_socket.)
+        records = list(batch.items())
+        for start in range(0, len(records), SESSION_INFO_CHUNK):  # never one huge pipeline
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for socket_id, record in records[start : start + SESSION_INFO_CHUNK]:
+                    pipe.set(self.k("session", socket_id), record, px=LEASE_MS, xx=True)
+                await self._call(pipe.execute())
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         now = int(time.time() * 1000)

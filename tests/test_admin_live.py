@@ -1,6 +1,7 @@
 """Admin writes reach live sockets on every node (CONTRACT.md §4, §5): two gateway nodes (two apps
 on two ports, one Redis prefix, one upstream simulator), revocation, team disable and rotation
-acted on through node A's admin API; socket caps and the rate limit held across both nodes."""
+acted on through node A's admin API; socket caps and the rate limit held across both nodes; a turn
+on node A in node B's session listing within a second."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import Gateway, Tenant, create, recv, send, turn
+from conftest import MODEL, Gateway, Tenant, create, recv, send, turn, wait_for
 from test_ws_checks import assert_error, assert_usable
 from test_ws_handshake import assert_http_error, handshake
 
@@ -244,3 +245,57 @@ async def test_rate_limit_holds_across_nodes(
     # The limit is per key: another key of the same team still has its own budget.
     async with socket(node_b, second["key"]) as ws:
         await assert_usable(ws)
+
+
+# -- the session listing ------------------------------------------------------------------------
+
+
+async def listed(gw: Gateway, socket_id: str) -> dict[str, Any]:
+    [found] = [s for s in (await admin(gw, "GET", "/sessions"))["data"] if s["id"] == socket_id]
+    return found
+
+
+async def test_a_turn_shows_in_another_nodes_session_listing_within_a_second(
+    gateway: Gateway, node_b: Gateway, tenant: Tenant
+) -> None:
+    """CONTRACT.md §5: a turn that ended on node A shows (model, turns) in node B's listing
+    within one second, not at A's next lease renewal (every 15 s)."""
+    loop = asyncio.get_running_loop()
+    store = gateway.store
+    async with socket(gateway, tenant.key) as ws:
+        [opened] = (await admin(node_b, "GET", "/sessions"))["data"]
+        assert (opened["node"], opened["model"], opened["turns"]) == ("node-a", None, 0)
+        lease = await store.redis.zscore(store.k("sessions"), opened["id"])
+        latencies = []
+        for turns in (1, 2):
+            assert (await turn(ws))[-1]["type"] == "response.completed"
+            ended = loop.time()
+            while (shown := await listed(node_b, opened["id"]))["turns"] != turns:
+                assert loop.time() - ended < WITHIN, f"node B still lists {shown}"
+                await asyncio.sleep(0.05)
+            latencies.append(loop.time() - ended)
+            assert shown["model"] == MODEL and shown["node"] == "node-a"
+        # Not the lease renewal's doing: the socket's lease deadline is still the handshake's.
+        assert await store.redis.zscore(store.k("sessions"), opened["id"]) == lease
+    report("turn to listing", *latencies)
+
+
+async def test_a_late_record_write_does_not_bring_back_a_closed_socket(
+    gateway: Gateway, tenant: Tenant
+) -> None:
+    """The race of the batched record writes: one that reaches Redis after the socket's release
+    must not recreate the record the release deleted."""
+    store = gateway.store
+    async with socket(gateway, tenant.key) as ws:
+        [opened] = (await admin(gateway, "GET", "/sessions"))["data"]
+        assert (await turn(ws))[-1]["type"] == "response.completed"
+    record = store.k("session", opened["id"])
+
+    async def released() -> bool:
+        return await store.redis.exists(record) == 0
+
+    await wait_for(released)
+    store.update_session(opened["id"], {**opened, "model": MODEL, "turns": 1})
+    await store.flush_session_infos()
+    assert await store.redis.exists(record) == 0
+    assert (await admin(gateway, "GET", "/sessions"))["data"] == []

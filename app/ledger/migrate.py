@@ -209,9 +209,11 @@ def _quote_ident(name: str) -> str:
 def _where(database_url: str) -> str:
     """Host, port and database of a URL, never its password."""
     parts = urllib.parse.urlsplit(database_url)
-    host = parts.hostname or "localhost"
-    port = parts.port or 5432
-    return f"{host}:{port}/{database_name(database_url)}"
+    try:
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    except ValueError:  # several hosts with ports (h1:5432,h2:5433): urllib's port refuses them
+        where = parts.netloc.rpartition("@")[2]
+    return f"{where}/{database_name(database_url)}"
 
 
 def _describe(exc: BaseException) -> str:
