@@ -727,7 +727,11 @@ class KeyStore:
             await self._call(pipe.execute(), RATE_LIMIT_DEADLINE_SECONDS * 4)
 
     async def refresh_leases(self, sessions: list[tuple[Principal, str, dict[str, Any]]]) -> None:
-        """Renew this node's slots and session records (every LEASE_REFRESH_SECONDS)."""
+        """Renew this node's slots and session records (every LEASE_REFRESH_SECONDS).
+
+        Every write is XX (only what still exists): a socket that closed while the renewal
+        was on its way has been released (`_RELEASE`, maybe first), and a plain write would
+        bring its slots or its listing back for a whole lease."""
         if not sessions:
             return
         deadline = int(time.time() * 1000) + LEASE_MS
@@ -737,8 +741,8 @@ class KeyStore:
                 pipe.zadd(
                     self.k("slots", "team", principal.team_id), {socket_id: deadline}, xx=True
                 )
-                pipe.zadd(self.k("sessions"), {socket_id: deadline})
-                pipe.set(self.k("session", socket_id), orjson.dumps(info), px=LEASE_MS)
+                pipe.zadd(self.k("sessions"), {socket_id: deadline}, xx=True)
+                pipe.set(self.k("session", socket_id), orjson.dumps(info), px=LEASE_MS, xx=True)
             await self._call(pipe.execute())
 
     async def release_socket(self, principal: Principal, socket_id: str) -> None:

@@ -299,3 +299,27 @@ async def test_a_late_record_write_does_not_bring_back_a_closed_socket(
     await store.flush_session_infos()
     assert await store.redis.exists(record) == 0
     assert (await admin(gateway, "GET", "/sessions"))["data"] == []
+
+
+async def test_a_late_lease_renewal_does_not_bring_back_a_closed_socket(
+    gateway: Gateway, tenant: Tenant
+) -> None:
+    """The same race for the lease renewal: a renewal that reaches Redis after the socket's
+    release must not recreate its listing entry, its record or its slots."""
+    store = gateway.store
+    async with socket(gateway, tenant.key):
+        [opened] = (await admin(gateway, "GET", "/sessions"))["data"]
+        [session] = gateway.node.sessions
+        principal = session.principal
+    record = store.k("session", opened["id"])
+
+    async def released() -> bool:
+        return await store.redis.exists(record) == 0
+
+    await wait_for(released)
+    await store.refresh_leases([(principal, opened["id"], opened)])
+    assert await store.redis.exists(record) == 0
+    assert await store.redis.zscore(store.k("sessions"), opened["id"]) is None
+    for slots in (("key", principal.key_id), ("team", principal.team_id)):
+        assert await store.redis.zscore(store.k("slots", *slots), opened["id"]) is None
+    assert (await admin(gateway, "GET", "/sessions"))["data"] == []
