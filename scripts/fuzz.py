@@ -1,4 +1,4 @@
-"""The long fuzz run (issue 7): hostile frames at one real socket, for N frames or S seconds.
+"""The long fuzz run: hostile frames at one real socket, for N frames or S seconds.
 
     .venv/bin/python scripts/fuzz.py [--frames N] [--seconds S] [--seed N]
     .venv/bin/python scripts/fuzz.py --url ws://HOST:PORT/v1/responses --key sk-gw-…

@@ -1,4 +1,4 @@
-"""Soak (issue 7): N sockets for M minutes against a gateway with random upstream faults.
+"""Soak: N sockets for M minutes against a gateway with random upstream faults.
 
     .venv/bin/python scripts/soak.py [--sockets 50] [--minutes 2] [--fault-rate 0.05] [--seed 1]
 

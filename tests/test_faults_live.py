@@ -1,4 +1,4 @@
-"""Faults with real processes (issue 7): Redis stops and comes back while a socket streams, and the
+"""Faults with real processes: Redis stops and comes back while a socket streams, and the
 client vanishes mid-response (its transport aborted, or its process killed).
 
 Redis here is a throwaway `redis-server` on its own port (tests/services.py `RedisServer`), never

@@ -1,4 +1,4 @@
-"""Hostile frames (issue 7, CONTRACT.md §3): hypothesis throws malformed, oversized, deeply nested,
+"""Hostile frames (CONTRACT.md §3): hypothesis throws malformed, oversized, deeply nested,
 wrong-typed and random frames at one real socket of a real gateway.
 
 Every frame must get exactly one answer: one error frame (with `status`, and a code from the

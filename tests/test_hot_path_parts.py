@@ -1,4 +1,4 @@
-"""The parts issue 6's tuning added, each against the behaviour it must keep.
+"""The hot path's speed-ups, each against the behaviour it must keep.
 
 - `metrics.Tally`: a turn's per-event overhead added up and handed to the histogram at its end
   must leave exactly what observing each value would have.

@@ -1,4 +1,4 @@
-"""The upstream key never reaches the customer (issue 7): OpenAI's 401 for a wrong key quotes it
+"""The upstream key never reaches the customer: OpenAI's 401 for a wrong key quotes it
 masked but for its first 8 and last 4 characters; the gateway redacts key-looking text from every
 upstream error it passes on (app/redact.py), over the HTTP relay and the session's HTTP fallback.
 

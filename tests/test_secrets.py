@@ -1,4 +1,4 @@
-"""No secret anywhere (issue 7, CONTRACT.md §4, §6): after a run of turns (refusals, upstream
+"""No secret anywhere (CONTRACT.md §4, §6): after a run of turns (refusals, upstream
 faults, the HTTP fallback, a retry), admin calls, a key rotation and a revocation, every place the
 gateway writes to is searched for the gateway keys' secrets, the upstream keys and the admin token:
 its log records (every logger, at DEBUG), `/metrics`, every ledger row in Postgres, the spill dir

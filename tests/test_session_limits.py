@@ -1,4 +1,4 @@
-"""Session limits and closes (issue 7), over real sockets: the idle socket timeout
+"""Session limits and closes, over real sockets: the idle socket timeout
 (`GATEWAY_IDLE_SOCKET_SECONDS`), the longest socket lifetime (`GATEWAY_MAX_SOCKET_SECONDS`), the
 close handshake the gateway leaves a client that is still sending, and the record of a client
 that vanished (1006). Each close is checked where the client sees it, in the ledger's socket row

@@ -282,7 +282,7 @@ def _print_report(plan: Plan, figures: dict[str, Figures], others: float) -> Non
         "rounds ran (Redis and Postgres included; other work on the host makes figures noisy)"
     )
     lines.append("")
-    lines.append("targets of issue 6 (a measurement, not a test: the exit status is 0 either way)")
+    lines.append("targets (a measurement, not a test: the exit status is 0 either way)")
     lines += [v.line for v in report.targets(figures, paced, plan.handshake_delay_ms)]
     for name, fig in figures.items():
         if fig.first_error:

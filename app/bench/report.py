@@ -132,7 +132,7 @@ def _verdict(passed: bool | None, text: str) -> Verdict:
 
 
 def targets(f: dict[str, Figures], paced: str, handshake_ms: float) -> list[Verdict]:
-    """The six targets of issue 6, each as a PASS/FAIL line."""
+    """The six speed targets, each as a PASS/FAIL line."""
     gw, relay, direct = f["gateway"], f["relay"], f["direct"]
     out: list[Verdict] = []
 
