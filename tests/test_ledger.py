@@ -39,7 +39,7 @@ from app.ledger.migrate import MIGRATIONS_DIR, database_name, load_migrations
 from app.ledger.rows import Row, decode_line, encode_line
 from app.metrics import REGISTRY
 
-DOCS = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "ledger.md"
 TABLES = ("sockets", "turns", "admin_actions")
 
 
@@ -454,7 +454,7 @@ async def test_prune_deletes_what_is_older_than_the_cutoff(
     assert await db.fetchval("SELECT count(*) FROM admin_actions") == 1
 
 
-# -- the three queries of the README ---------------------------------------------------------------
+# -- the three queries of docs/ledger.md -----------------------------------------------------------
 
 
 def doc_query(name: str) -> str:
