@@ -1,11 +1,21 @@
 # The README's two commands: `make run` (local dev setup) and `make test`.
 # Both install what they need: system packages (scripts/install-system-deps.sh) and the Python
-# packages into .venv (re-installed only when pyproject.toml is newer than the stamp).
+# packages into .venv, from the hashed lock (re-installed only when it is newer than the stamp).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Every package and its hashes: the image installs LOCK, the venv DEV_LOCK (LOCK's versions plus
+# the dev extras). `make lock` writes both from pyproject.toml.
+LOCK     := requirements.lock
+DEV_LOCK := requirements-dev.lock
+# uv's universal resolution from Python 3.11 up: one lock for Linux/CPython 3.11 (CI, the image)
+# that keeps the markers (uvloop not on win32, async-timeout only below 3.11.3). Pins already in
+# a lock stay unless LOCK_FLAGS says otherwise: --upgrade, or --upgrade-package NAME.
+LOCK_FLAGS ?=
+COMPILE = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command "make lock" --quiet $(LOCK_FLAGS)
 
 .DEFAULT_GOAL := help
 
@@ -17,19 +27,29 @@ help:
 	@echo "make fmt    ruff format + ruff check --fix"
 	@echo "make bench  gateway bench --compare (simulator, bare relay, gateway)"
 	@echo "make deps   install redis-server / postgresql from Debian packages if missing"
-	@echo "make venv   create .venv and pip install -e '.[dev]' when pyproject.toml changed"
+	@echo "make venv   create .venv, install $(DEV_LOCK) (hashes checked) and the project"
+	@echo "make lock   write $(LOCK) and $(DEV_LOCK) from pyproject.toml (LOCK_FLAGS=--upgrade)"
 
 .PHONY: deps
 deps:
 	@bash scripts/install-system-deps.sh
 
-$(STAMP): pyproject.toml | deps
+# The project itself without dependencies (the lock has them) and without build isolation (the
+# lock's setuptools builds it).
+$(STAMP): $(DEV_LOCK) pyproject.toml | deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r $(DEV_LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check  # a lock that no longer meets pyproject.toml: run make lock
 	@touch $(STAMP)
 
 .PHONY: venv
 venv: $(STAMP)
+
+.PHONY: lock
+lock: venv
+	$(COMPILE) -o $(LOCK)
+	$(COMPILE) --extra dev -c $(LOCK) -o $(DEV_LOCK)
 
 .PHONY: lint
 lint: venv

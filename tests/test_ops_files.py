@@ -57,7 +57,7 @@ def tool(name: str) -> str:
         return str(local)
     found = shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} is not installed (make deps / pip install -e '.[dev]' installs it)")
+        pytest.skip(f"{name} is not installed (make deps / make venv installs it)")
     return found
 
 

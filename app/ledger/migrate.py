@@ -29,7 +29,9 @@ import asyncpg
 
 from app.ledger.errors import MigrationError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# `app/migrations`: in the repository a symlink to the top-level `migrations/` (the schema's one
+# source), in a wheel its files, as package data.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _NO_TRANSACTION = "-- migrate: no-transaction"
