@@ -10,10 +10,10 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
+from app.auth.principal import Principal, secret_status
 from app.errors import Code, GatewayError
 from app.guard import AUTH_GUARD
 from app.http import error_response
-from app.keystore import Principal, secret_status
 from app.models import ApiKey, Team
 from app.node import NODE, Node
 from app.protocol import normalize_query_model

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import random
 import secrets
@@ -47,6 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from app import ids, metrics
+from app.auth.principal import Principal, hash_secret, new_secret
 from app.errors import Code, GatewayError, not_found
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
 
@@ -79,7 +78,6 @@ RATE_SPARE_SECONDS = 0.5
 # Secrets this node has looked up, reused while the store's version has not moved (NodeView).
 SECRET_CACHE_SIZE = 10_000
 SECRET_CACHE_FRESH_SECONDS = 1.0
-SECRET_PREFIX = "sk-gw-"
 # An admin write whose records another write changed between its read and its commit reads and
 # decides again, this many times at most (two writers settle in two tries).
 ADMIN_WRITE_TRIES = 50
@@ -157,41 +155,6 @@ local id = redis.call('GET', KEYS[1])
 if not id then return {false, version} end
 return {redis.call('GET', ARGV[1] .. id), version}
 """
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def new_secret() -> tuple[str, str]:
-    """A new secret and its public prefix (shown in listings and logs)."""
-    public = secrets.token_hex(4)
-    return f"{SECRET_PREFIX}{public}_{secrets.token_urlsafe(32)}", f"{SECRET_PREFIX}{public}"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is on a socket: the key, which of its secrets, and its team at handshake time."""
-
-    key_id: str
-    key_prefix: str
-    team_id: str
-    secret_hash: str
-
-
-def secret_status(key: ApiKey, secret_hash: str, now: datetime) -> Code | None:
-    """None when the secret is usable now, else the refusal code (hashes compared in constant
-    time)."""
-    if key.revoked_at is not None:
-        return Code.API_KEY_REVOKED
-    if key.expires_at is not None and key.expires_at <= now:
-        return Code.API_KEY_EXPIRED
-    if hmac.compare_digest(secret_hash, key.secret_hash):
-        return None
-    for old in key.old_secrets:
-        if hmac.compare_digest(old.hash, secret_hash):
-            return None if old.until > now else Code.API_KEY_EXPIRED
-    return Code.INVALID_API_KEY
 
 
 class _Spares:

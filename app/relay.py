@@ -16,10 +16,10 @@ import orjson
 from aiohttp import web
 
 from app import metrics, sse
+from app.auth.principal import Principal
 from app.errors import Code, GatewayError
 from app.handlers import authenticate
 from app.http import error_response
-from app.keystore import Principal
 from app.ledger.rows import TurnRecord
 from app.node import NODE, Node
 from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object

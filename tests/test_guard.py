@@ -18,9 +18,10 @@ from conftest import MODEL, Gateway, Sim, Tenant, gateway_settings
 from test_ws_checks import assert_usable
 from test_ws_handshake import assert_http_error
 
+from app.auth.principal import new_secret
 from app.errors import Code, GatewayError
 from app.guard import AUTH_GUARD, MAX_ADDRESSES, AuthGuard, client_key, right_most
-from app.keystore import NodeView, new_secret
+from app.keystore import NodeView
 from app.metrics import REGISTRY
 from app.server import create_app
 

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import ConnectionPool
 
 from app import ids, logs, metrics
+from app.auth.principal import Principal, hash_secret, secret_status
 from app.errors import Code
 from app.keystore import (
     RATE_SPARE_SECONDS,
@@ -41,9 +42,6 @@ from app.keystore import (
     RELEASE_BATCH_SECONDS,
     KeyStore,
     NodeView,
-    Principal,
-    hash_secret,
-    secret_status,
 )
 from app.models import ApiKey, OldSecret, Team, utcnow
 
