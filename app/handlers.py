@@ -10,9 +10,9 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
+from app.auth.guard import AUTH_GUARD
 from app.auth.principal import Principal, secret_status
 from app.errors import Code, GatewayError
-from app.guard import AUTH_GUARD
 from app.http import error_response
 from app.models import ApiKey, Team
 from app.node import NODE, Node
@@ -35,7 +35,7 @@ async def authenticate(
 ) -> tuple[Principal, ApiKey, Team]:
     """The gateway key of a request, or the refusal (401/403/429/503) it gets.
 
-    From an address out of failed authentications (app/guard.py) a key the store never issued
+    From an address out of failed authentications (app/auth/guard.py) a key the store never issued
     gets 429 without a lookup; any other key is looked up and served as usual, so a valid key is
     never refused for other people's failures. A 401 counts against the address. `fresh`: ask
     Redis even for a secret this node has seen (NodeView.lookup_secret).

@@ -789,7 +789,7 @@ def _b(value: bytes | str | None) -> bytes | None:
 
 class KnownDigests:
     """Every secret digest the store has issued, as this node last read them: what lets the
-    failed-authentication limit (app/guard.py) refuse a flood of wrong keys without a Redis
+    failed-authentication limit (app/auth/guard.py) refuse a flood of wrong keys without a Redis
     lookup each, and still serve a valid key it has never seen.
 
     Each admin write that issues a secret appends its digest to a Redis stream (`P:digests`,

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from app import handlers, relay
+from app.auth.guard import AUTH_GUARD, AuthGuard
 from app.config import Settings
-from app.guard import AUTH_GUARD, AuthGuard
 from app.http import errors_middleware
 from app.keystore import KeyStore
 from app.ledger import Ledger

@@ -8,7 +8,7 @@
   admin request is refused: the API is never open. Before the token, in this order: with
   `GATEWAY_ADMIN_REQUIRE_TLS_PROXY`, a request that did not come over HTTPS through the proxy gets
   403 `admin_tls_required` (its token is never looked at, so a plaintext path is no oracle for
-  it); an address out of failed authentications gets 429 `rate_limit_exceeded` (app/guard.py).
+  it); an address out of failed authentications gets 429 `rate_limit_exceeded` (app/auth/guard.py).
   A wrong token counts against the address.
 - the `/admin/v1` routes, thin: parse, call `AdminOps`, shape the answer;
 - `GET /v1/models` and `GET /v1/gateway/models` for a customer key: the models its team may
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel
 
 from app import metrics
@@ -43,8 +43,8 @@ from app.admin.schemas import (
     model_name,
     parse_json,
 )
+from app.auth.guard import AUTH_GUARD, right_most
 from app.errors import Code, GatewayError
-from app.guard import AUTH_GUARD, admin_over_tls
 from app.handlers import authenticate, bearer
 from app.http import Handler, error_response
 from app.models import Team
@@ -101,6 +101,31 @@ def _admin_refusal(request: web.Request) -> GatewayError | None:
     refused = GatewayError(Code.INVALID_ADMIN_TOKEN)
     guard.charge(address, refused)
     return refused
+
+
+def admin_over_tls(request: web.BaseRequest) -> bool:
+    """True when the request came over TLS: to this node, or to the proxy in front of it.
+
+    Every proxy header present must say `https` in its right-most entry (the one the nearest
+    proxy wrote): a client that forges `X-Forwarded-Proto: https` next to the proxy's own
+    `Forwarded: proto=http` is refused. At least one must be present. A client that reaches the
+    node directly can forge them all: this setting catches a misrouted request, the firewall in
+    front of the node's port keeps strangers out.
+    """
+    if request.secure:
+        return True
+    seen = False
+    proto = request.headers.get(hdrs.X_FORWARDED_PROTO)
+    if proto is not None:
+        if right_most(proto).lower() != "https":
+            return False
+        seen = True
+    if hdrs.FORWARDED in request.headers:
+        elements = request.forwarded
+        if not elements or elements[-1].get("proto", "").lower() != "https":
+            return False
+        seen = True
+    return seen
 
 
 def actor_of(request: web.Request) -> Actor:
