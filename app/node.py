@@ -17,10 +17,11 @@ from aiohttp import web
 from app import metrics
 from app.config import Settings
 from app.errors import GatewayError
-from app.keystore import KeyStore, NodeView
+from app.keystore import KeyStore
 from app.memory import MemoryBudget
 from app.models import DEFAULT_CREDENTIAL, ApiKey
 from app.pool import UpstreamPool
+from app.view import NodeView
 
 if TYPE_CHECKING:
     from app.ledger import Ledger

@@ -21,9 +21,9 @@ from test_ws_handshake import assert_http_error
 from app.auth.guard import AUTH_GUARD, MAX_ADDRESSES, AuthGuard, client_key, right_most
 from app.auth.principal import new_secret
 from app.errors import Code, GatewayError
-from app.keystore import NodeView
 from app.metrics import REGISTRY
 from app.server import create_app
+from app.view import NodeView
 
 ADMIN = "admin-test-token"  # conftest's gateway_settings
 WRONG = {"Authorization": "Bearer sk-gw-nope_nope"}

@@ -41,9 +41,9 @@ from app.keystore import (
     RATE_SPARES,
     RELEASE_BATCH_SECONDS,
     KeyStore,
-    NodeView,
 )
 from app.models import ApiKey, OldSecret, Team, utcnow
+from app.view import NodeView
 
 
 def _samples(histogram: Histogram) -> dict[tuple[str, str], float]:
