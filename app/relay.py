@@ -18,7 +18,6 @@ from aiohttp import web
 from app import metrics, sse
 from app.auth.principal import Principal
 from app.errors import Code, GatewayError
-from app.handlers import authenticate
 from app.http import error_response
 from app.ledger.rows import TurnRecord
 from app.node import NODE, Node
@@ -102,7 +101,7 @@ async def _checked(
 ) -> tuple[HttpTurn, dict[str, Any]]:
     """Auth, then checks 3-5 and 8; the body to send upstream."""
     try:
-        principal, _key, team = await authenticate(node, request)
+        principal, _key, team = await node.auth.authenticate(request)
     except GatewayError as err:
         metrics.count_error(err.code)  # 401/403/429/503: no turn yet, so no ledger row
         raise

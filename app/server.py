@@ -16,8 +16,9 @@ from app.config import Settings
 from app.http import errors_middleware
 from app.keystore import KeyStore
 from app.ledger import Ledger
+from app.live import LiveSocket
 from app.node import NODE, Node
-from app.session import Session, State
+from app.session import State
 
 log = logging.getLogger("gateway.server")
 
@@ -83,7 +84,7 @@ async def drain(node: Node, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     end = min(_DRAIN_ENDS.get(node, math.inf), loop.time() + deadline)
     _DRAIN_ENDS[node] = end
-    asked: set[Session] = set()
+    asked: set[LiveSocket] = set()
     closing: set[asyncio.Task[None]] = set()
     while True:
         for session in list(node.sessions):

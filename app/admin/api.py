@@ -43,9 +43,9 @@ from app.admin.schemas import (
     model_name,
     parse_json,
 )
+from app.auth.authenticator import bearer
 from app.auth.guard import AUTH_GUARD, right_most
 from app.errors import Code, GatewayError
-from app.handlers import authenticate, bearer
 from app.http import Handler, error_response
 from app.models import Team
 from app.node import NODE, Node
@@ -274,7 +274,7 @@ def servable_models(node: Node, team: Team) -> list[str]:
 async def _customer(request: web.Request) -> tuple[Node, Team]:
     node = request.app[NODE]
     try:
-        _principal, _key, team = await authenticate(node, request)
+        _principal, _key, team = await node.auth.authenticate(request)
     except GatewayError as err:
         metrics.count_error(err.code)
         raise
