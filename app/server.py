@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app import handlers, relay
+from app import catalog, handlers, relay
 from app.auth.guard import AUTH_GUARD, AuthGuard
 from app.config import Settings
 from app.http import errors_middleware
@@ -52,6 +52,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics_endpoint)
+    for path in ("/v1/models", "/v1/gateway/models"):
+        app.router.add_get(path, catalog.customer_models)
+    app.router.add_get("/v1/models/{provider}/{model}", catalog.customer_model)
     from app.admin.api import setup_admin
 
     setup_admin(app)

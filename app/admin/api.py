@@ -1,4 +1,4 @@
-"""The admin API (CONTRACT.md §5) and the customer's model list.
+"""The admin API (CONTRACT.md §5).
 
 `setup_admin(app)` adds:
 
@@ -10,9 +10,7 @@
   403 `admin_tls_required` (its token is never looked at, so a plaintext path is no oracle for
   it); an address out of failed authentications gets 429 `rate_limit_exceeded` (app/auth/guard.py).
   A wrong token counts against the address.
-- the `/admin/v1` routes, thin: parse, call `AdminOps`, shape the answer;
-- `GET /v1/models` and `GET /v1/gateway/models` for a customer key: the models its team may
-  route and this node can serve (allowed, priced, upstream credential set here).
+- the `/admin/v1` routes, thin: parse, call `AdminOps`, shape the answer.
 """
 
 from __future__ import annotations
@@ -31,8 +29,6 @@ from app.admin.openapi import openapi_document
 from app.admin.ops import Actor, AdminOps
 from app.admin.schemas import (
     DEFAULT_GRACE_SECONDS,
-    PROVIDER,
-    CustomerModel,
     KeyCreated,
     KeyCreateRequest,
     KeyInfo,
@@ -47,8 +43,7 @@ from app.auth.authenticator import bearer
 from app.auth.guard import AUTH_GUARD, right_most
 from app.errors import Code, GatewayError
 from app.http import Handler, error_response
-from app.models import Team
-from app.node import NODE, Node
+from app.node import NODE
 
 PREFIX = "/admin/v1"
 ACTOR_HEADER = "X-Admin-Actor"
@@ -261,39 +256,6 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 
 
-# -- the customer's model list ------------------------------------------------------------------
-
-
-def servable_models(node: Node, team: Team) -> list[str]:
-    """What the team may route and this node can serve: allowed, priced, credential set."""
-    if not node.credential(team.upstream_credential):
-        return []
-    return sorted(m for m in node.view.view.catalog if team.allows(m))
-
-
-async def _customer(request: web.Request) -> tuple[Node, Team]:
-    node = request.app[NODE]
-    try:
-        _principal, _key, team = await node.auth.authenticate(request)
-    except GatewayError as err:
-        metrics.count_error(err.code)
-        raise
-    return node, team
-
-
-async def customer_models(request: web.Request) -> web.Response:
-    node, team = await _customer(request)
-    return list_response(CustomerModel(id=m) for m in servable_models(node, team))
-
-
-async def customer_model(request: web.Request) -> web.Response:
-    node, team = await _customer(request)
-    name = f"{request.match_info['provider']}/{request.match_info['model']}"
-    if request.match_info["provider"] != PROVIDER or name not in servable_models(node, team):
-        raise GatewayError(Code.NOT_FOUND, f"No model {name!r} for this key.", param="model")
-    return json_response(CustomerModel(id=name))
-
-
 # -- wiring -------------------------------------------------------------------------------------
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -317,13 +279,10 @@ ROUTES: list[tuple[str, str, Handler]] = [
 
 
 def setup_admin(app: web.Application) -> None:
-    """Add the admin routes, their guard, and the customer's model list to `app`."""
+    """Add the admin routes and their guard to `app`."""
     app.middlewares.append(admin_auth_middleware)
     for method, path, handler in ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
-    for path in ("/v1/models", "/v1/gateway/models"):
-        app.router.add_get(path, customer_models)
-    app.router.add_get("/v1/models/{provider}/{model}", customer_model)
 
 
 __all__ = ["PREFIX", "ROUTES", "setup_admin"]

@@ -304,15 +304,6 @@ class SessionInfo(_Answer):
     turns: int
 
 
-class CustomerModel(_Answer):
-    """`GET /v1/models`: OpenAI's model object, for the caller's key."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = PROVIDER
-
-
 class ErrorObject(_Answer):
     type: str
     code: str
