@@ -92,7 +92,7 @@ class Settings(RedisSettings, DatabaseSettings):
     # (slowloris); 0: no limit. Later requests on a keep-alive connection: app/listener.py.
     handshake_seconds: float = Field(default=10, alias="GATEWAY_HANDSHAKE_SECONDS", ge=0)
     # Failed authentications (401) per client address per minute, counted in this process; past
-    # it the address gets 429 before its key is looked up (app/guard.py). 0: no limit.
+    # it the address gets 429 before its key is looked up (app/auth/guard.py). 0: no limit.
     auth_failures_per_minute: int = Field(
         default=60, alias="GATEWAY_AUTH_FAILURES_PER_MINUTE", ge=0
     )

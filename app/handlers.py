@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
 import orjson
 from aiohttp import hdrs, web
@@ -11,71 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
 from app.errors import Code, GatewayError
-from app.guard import AUTH_GUARD
 from app.http import error_response
-from app.keystore import Principal, secret_status
-from app.models import ApiKey, Team
 from app.node import NODE, Node
 from app.protocol import normalize_query_model
 from app.session import CLOSE_HANDSHAKE_SECONDS, Session, new_socket_id
 
 log = logging.getLogger("gateway.handlers")
-
-
-def bearer(request: web.Request) -> str | None:
-    header = request.headers.get(hdrs.AUTHORIZATION, "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-async def authenticate(
-    node: Node, request: web.Request, *, fresh: bool = False
-) -> tuple[Principal, ApiKey, Team]:
-    """The gateway key of a request, or the refusal (401/403/429/503) it gets.
-
-    From an address out of failed authentications (app/guard.py) a key the store never issued
-    gets 429 without a lookup; any other key is looked up and served as usual, so a valid key is
-    never refused for other people's failures. A 401 counts against the address. `fresh`: ask
-    Redis even for a secret this node has seen (NodeView.lookup_secret).
-    """
-    guard = request.app[AUTH_GUARD]
-    address = guard.address_of(request)
-    refused = guard.refusal(address)
-    if refused is not None and not await node.view.may_be_issued(bearer(request)):
-        raise refused
-    try:
-        return await _lookup_key(node, request, fresh)
-    except GatewayError as err:
-        guard.charge(address, err)
-        raise
-
-
-async def _lookup_key(
-    node: Node, request: web.Request, fresh: bool
-) -> tuple[Principal, ApiKey, Team]:
-    secret = bearer(request)
-    if secret is None:
-        raise GatewayError(Code.INVALID_API_KEY, "Missing API key: send Authorization: Bearer.")
-    found, version = await node.view.lookup_secret(secret, fresh=fresh)
-    if found is None:
-        raise GatewayError(Code.INVALID_API_KEY)
-    key, digest = found
-    status = secret_status(key, digest, datetime.now(UTC))
-    if version != node.view.view.version:
-        await node.view.load()  # at least as fresh as this handshake
-    team = node.view.view.teams.get(key.team_id)
-    if status is None and (team is None or not team.active):
-        status = Code.TEAM_DISABLED
-    if status is not None:
-        if not fresh:  # a refusal is never made on a cached reading alone
-            return await _lookup_key(node, request, True)
-        raise GatewayError(status)
-    assert team is not None
-    node.watch_key(key)
-    principal = Principal(key_id=key.id, key_prefix=key.prefix, team_id=team.id, secret_hash=digest)
-    return principal, key, team
 
 
 def _refuse(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
@@ -92,7 +32,7 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
     if node.draining:
         return _refuse(GatewayError(Code.SERVER_SHUTTING_DOWN), {"Retry-After": "1"})
     try:
-        principal, _key, team = await authenticate(node, request)
+        principal, _key, team = await node.auth.authenticate(request)
         if len(node.sessions) >= node.settings.max_sockets:
             raise GatewayError(Code.SERVER_OVERLOADED)
         model = request.query.get("model") or None
@@ -115,7 +55,7 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
             # An admin write since this node's view (its cached secret included): check again,
             # as fresh as this handshake.
             try:
-                await authenticate(node, request, fresh=True)
+                await node.auth.authenticate(request, fresh=True)
             except GatewayError:
                 if taken:
                     await node.store.release_socket(principal, session.id)

@@ -8,7 +8,8 @@ Redis layout (every key and channel under the configured prefix `P`):
 - `P:secret:<sha256>` → key id, for current and rotated secrets (old ones answer `api_key_expired`).
 - `P:digests` (stream, field `d`): the SHA-256 of every secret ever issued, appended by the write
   that issues it; `P:digests:complete` once keys from before the stream are in it
-  (`KnownDigests`: the failed-authentication limit's way to tell a valid key without a lookup).
+  (app/auth/digests.py `KnownDigests`: the failed-authentication limit's way to tell a valid
+  key without a lookup).
 - `P:catalog`: hash `openai/<model>` → JSON Price.
 - `P:version`: bumped by every admin write; nodes poll it to refresh their view (≤ 0.25 s).
 - `P:rl:<key id>`: sorted set of accepted turns in the last 60 s; expires 61 s after the last.
@@ -26,14 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import logging
 import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -47,15 +44,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from app import ids, metrics
+from app.auth.principal import Principal, hash_secret, new_secret
 from app.errors import Code, GatewayError, not_found
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
 
-log = logging.getLogger("gateway.keystore")
 _T = TypeVar("_T")
 
 LEASE_MS = 45_000
 LEASE_REFRESH_SECONDS = 15.0
-VIEW_POLL_SECONDS = 0.25
 RATE_LIMIT_DEADLINE_SECONDS = 0.25
 # A handshake, `/readyz` or a view refresh waits this long for Redis, then answers 503: without
 # it a hung Redis held them for the pool's timeouts and retries (about 6 s).
@@ -76,10 +72,6 @@ SESSION_INFO_BATCH_SECONDS = 0.25
 SESSION_INFO_CHUNK = 256
 RATE_SPARE_FILL = 0.5
 RATE_SPARE_SECONDS = 0.5
-# Secrets this node has looked up, reused while the store's version has not moved (NodeView).
-SECRET_CACHE_SIZE = 10_000
-SECRET_CACHE_FRESH_SECONDS = 1.0
-SECRET_PREFIX = "sk-gw-"
 # An admin write whose records another write changed between its read and its commit reads and
 # decides again, this many times at most (two writers settle in two tries).
 ADMIN_WRITE_TRIES = 50
@@ -157,41 +149,6 @@ local id = redis.call('GET', KEYS[1])
 if not id then return {false, version} end
 return {redis.call('GET', ARGV[1] .. id), version}
 """
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def new_secret() -> tuple[str, str]:
-    """A new secret and its public prefix (shown in listings and logs)."""
-    public = secrets.token_hex(4)
-    return f"{SECRET_PREFIX}{public}_{secrets.token_urlsafe(32)}", f"{SECRET_PREFIX}{public}"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is on a socket: the key, which of its secrets, and its team at handshake time."""
-
-    key_id: str
-    key_prefix: str
-    team_id: str
-    secret_hash: str
-
-
-def secret_status(key: ApiKey, secret_hash: str, now: datetime) -> Code | None:
-    """None when the secret is usable now, else the refusal code (hashes compared in constant
-    time)."""
-    if key.revoked_at is not None:
-        return Code.API_KEY_REVOKED
-    if key.expires_at is not None and key.expires_at <= now:
-        return Code.API_KEY_EXPIRED
-    if hmac.compare_digest(secret_hash, key.secret_hash):
-        return None
-    for old in key.old_secrets:
-        if hmac.compare_digest(old.hash, secret_hash):
-            return None if old.until > now else Code.API_KEY_EXPIRED
-    return Code.INVALID_API_KEY
 
 
 class _Spares:
@@ -822,202 +779,3 @@ def _s(value: bytes | str) -> str:
 
 def _b(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
-
-
-class KnownDigests:
-    """Every secret digest the store has issued, as this node last read them: what lets the
-    failed-authentication limit (app/guard.py) refuse a flood of wrong keys without a Redis
-    lookup each, and still serve a valid key it has never seen.
-
-    Each admin write that issues a secret appends its digest to a Redis stream (`P:digests`,
-    in the write's transaction); keys written before the stream existed are appended once by
-    `KeyStore.backfill_digests`, which then marks the stream complete. This node reads the
-    stream from where it last stopped, at start, after each change of the store's version, and
-    when asked about a digest it does not hold: such a question waits for a read that began
-    after it was asked (reads are shared and at least SYNC_SPACING_SECONDS apart), so a key
-    issued anywhere before the request is known by then. A flood of wrong keys therefore costs
-    at most one small read of the stream per SYNC_SPACING_SECONDS, not a lookup per key.
-
-    Only 64 bits of each digest are kept (8 bytes and a set slot per secret ever issued); a
-    wrong key matches one of a million digests with a chance of 1 in 2**44, and then is
-    looked up as any key is. Digests stay after revocation or expiry: those keys are looked
-    up and answered as before.
-    """
-
-    SYNC_SPACING_SECONDS = 0.05
-
-    def __init__(self, store: KeyStore) -> None:
-        self.store = store
-        self._known: set[int] = set()
-        self._last_id = "0-0"
-        self._complete = False  # the stream holds every issued digest (backfilled)
-        self._began = float("-inf")  # time.monotonic() when the last read began
-        self._reading: asyncio.Task[None] | None = None
-        self.reads = 0  # reads of the log begun
-
-    def __len__(self) -> int:
-        return len(self._known)
-
-    @staticmethod
-    def _short(digest: str) -> int:
-        return int(digest[:16], 16)
-
-    async def may_be_issued(self, digest: str) -> bool:
-        """False only when no secret with this digest was issued before this call; 503
-        `service_unavailable` when the log could not be read."""
-        if self._short(digest) in self._known:
-            return True
-        asked = time.monotonic()
-        while self._began < asked:
-            if self._reading is None:
-                self.refresh()
-            assert self._reading is not None
-            # Redis did not answer: 503, as the lookup would answer (a lookup per wrong key on
-            # a hung Redis would hold each request for its timeout).
-            await asyncio.shield(self._reading)
-        return not self._complete or self._short(digest) in self._known
-
-    def refresh(self) -> None:
-        """Read what was issued since the last read, in the background."""
-        if self._reading is None:
-            self._reading = asyncio.create_task(self._read(), name="known-digests")
-            self._reading.add_done_callback(_retrieve)
-
-    async def close(self) -> None:
-        await _cancelled(self._reading)
-
-    async def _read(self) -> None:
-        try:
-            wait = self._began + self.SYNC_SPACING_SECONDS - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._began = time.monotonic()
-            self.reads += 1
-            if not self._complete:
-                await self.store.backfill_digests()
-            while True:
-                complete, digests, self._last_id = await self.store.digests_after(self._last_id)
-                self._complete = self._complete or complete
-                self._known.update(self._short(d) for d in digests)
-                if len(digests) < DIGEST_PAGE:
-                    return
-        finally:
-            self._reading = None
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """A background read's failure is the next one's to retry; never 'exception never
-    retrieved'."""
-    if not task.cancelled():
-        task.exception()
-
-
-@dataclass(frozen=True)
-class View:
-    """A node's copy of what every turn checks: teams and prices (refreshed within 1 s)."""
-
-    version: int
-    teams: dict[str, Team]
-    catalog: dict[str, Price]
-
-
-class NodeView:
-    """Keeps `View` fresh by polling `P:version` and calls `on_change` after each reload.
-
-    Polling (4 times a second, one GET) rather than pub/sub: a node that missed a message can
-    never keep serving a revoked key, and a Redis restart needs no resubscription.
-    """
-
-    def __init__(
-        self, store: KeyStore, on_tick: Callable[[bool], Awaitable[None]] | None = None
-    ) -> None:
-        self.store = store
-        self.view = View(version=-1, teams={}, catalog={})
-        self.on_tick = on_tick
-        self._task: asyncio.Task[None] | None = None
-        self.read_at = float("-inf")  # time.monotonic() of the last version Redis answered
-        # secret hash -> (its key, the store's version then, the store's local writes then)
-        self._secrets: dict[str, tuple[ApiKey, int, int]] = {}
-        self.digests = KnownDigests(store)
-
-    async def lookup_secret(
-        self, secret: str, *, fresh: bool = False
-    ) -> tuple[tuple[ApiKey, str] | None, int]:
-        """The key of a secret (and the secret's hash) and the store's version
-        (`KeyStore.lookup_digest`), without a round trip for a secret seen since
-        the store's version last moved.
-
-        Every admin write bumps the version, which this view reads 4 times a second; a secret
-        is reused only while its version is the view's, no write went through this node's own
-        store since, and the view's reading is under SECRET_CACHE_FRESH_SECONDS old. So a
-        revocation or rotation made on this node refuses the next handshake here, and one made
-        elsewhere within the view's poll (0.25 s); and the handshake learns the version again
-        from its slot's round trip (`KeyStore.acquire_socket`) and asks again with `fresh` if
-        it moved, so no handshake is older than the store it finished against. Unknown
-        secrets are not kept (a flood of wrong keys cannot fill the table).
-        """
-        digest = hash_secret(secret)
-        writes = self.store.writes
-        hit = self._secrets.get(digest)
-        if (
-            hit is not None
-            and not fresh
-            and hit[1] == self.view.version
-            and hit[2] == writes
-            and time.monotonic() - self.read_at < SECRET_CACHE_FRESH_SECONDS
-        ):
-            return (hit[0], digest), hit[1]
-        key, version = await self.store.lookup_digest(digest)
-        if key is None:
-            return None, version
-        if len(self._secrets) >= SECRET_CACHE_SIZE:
-            self._secrets.clear()
-        self._secrets[digest] = (key, version, writes)
-        return (key, digest), version
-
-    async def may_be_issued(self, secret: str | None) -> bool:
-        """False only for a secret the store never issued (`KnownDigests`); 503 when Redis
-        cannot tell."""
-        return secret is not None and await self.digests.may_be_issued(hash_secret(secret))
-
-    async def load(self) -> bool:
-        try:
-            version = await self.store.version()
-            self.read_at = time.monotonic()
-            if version == self.view.version:
-                return False
-            teams = {t.id: t for t in await self.store.list_teams()}
-            catalog = await self.store.catalog()
-        except GatewayError:
-            return False
-        self.view = View(version=version, teams=teams, catalog=catalog)
-        self.digests.refresh()  # a write may have issued a secret
-        return True
-
-    async def start(self) -> None:
-        await self.load()
-        self._task = asyncio.create_task(self._run(), name="node-view")
-
-    async def _run(self) -> None:
-        me = asyncio.current_task()
-        # Python 3.11's asyncio.wait_for, which redis-py uses around socket writes, returns the
-        # result and drops a cancellation that lands as the write completes; without this check
-        # `stop()` would then wait forever for a task that no longer knows it was cancelled.
-        while me is None or not me.cancelling():
-            await asyncio.sleep(VIEW_POLL_SECONDS)
-            try:
-                changed = await self.load()
-                if self.on_tick is not None:
-                    # Every tick, not only on change: rotation graces end with the clock.
-                    await self.on_tick(changed)
-            except Exception:  # a watcher must never die
-                log.exception("node view refresh failed")
-
-    async def stop(self) -> None:
-        await self.digests.close()
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass

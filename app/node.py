@@ -8,23 +8,23 @@ import os
 import socket
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from app import metrics
+from app.auth.authenticator import Authenticator
 from app.config import Settings
-from app.errors import GatewayError
-from app.keystore import KeyStore, NodeView
+from app.keystore import KeyStore
+from app.live import LiveSocket
 from app.memory import MemoryBudget
 from app.models import DEFAULT_CREDENTIAL, ApiKey
 from app.pool import UpstreamPool
+from app.view import NodeView
 
 if TYPE_CHECKING:
     from app.ledger import Ledger
-    from app.session import Session
 
 log = logging.getLogger("gateway.node")
 
@@ -39,17 +39,12 @@ class Node:
         self.ledger = ledger
         self.id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.view = NodeView(store, on_tick=self._on_view_tick)
+        self.auth = Authenticator(self.view)
         self.memory_budget = MemoryBudget(settings.context_total_bytes)
-        self.sessions: set[Session] = set()
+        self.sessions: set[LiveSocket] = set()
         self._expelling: dict[str, asyncio.Task[None]] = {}
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
-        # Key records of live sockets, refreshed when the store's version moves (revocation).
-        self.key_cache: dict[str, ApiKey] = {}
-        # The next moment a live socket's key changes by the clock alone (it expires, or a
-        # rotated secret's grace ends); between it and a change of the store's version, no
-        # live socket's standing can change, so the 4-a-second check skips the sockets.
-        self._next_boundary: datetime | None = None
         self.draining = False
         self.http: aiohttp.ClientSession | None = None
         # Built here so it is never None for a session; it opens nothing until `start`.
@@ -74,11 +69,16 @@ class Node:
             if known is task:
                 del self._expelling[sid]
 
-    def add_session(self, session: Session) -> None:
+    @property
+    def key_cache(self) -> dict[str, ApiKey]:
+        """Live sockets' key records, as the expulsion sweep last read them."""
+        return self.auth.key_cache
+
+    def add_session(self, session: LiveSocket) -> None:
         self.sessions.add(session)
         self._no_sessions.clear()
 
-    def remove_session(self, session: Session) -> bool:
+    def remove_session(self, session: LiveSocket) -> bool:
         if session not in self.sessions:
             return False
         self.sessions.discard(session)
@@ -98,34 +98,15 @@ class Node:
         assert self.http is not None, "node not started"
         return self.http
 
-    def watch_key(self, key: ApiKey) -> None:
-        """A socket was accepted with `key`: keep its record, and its next clock boundary."""
-        self.key_cache[key.id] = key
-        boundary = _next_boundary(key, datetime.now(UTC))
-        if boundary is not None and (self._next_boundary is None or boundary < self._next_boundary):
-            self._next_boundary = boundary
-
     async def _on_view_tick(self, changed: bool) -> None:
         if changed:
             self.pool.want(self.pooled_credentials())
-        now = datetime.now(UTC)
-        if not changed and (self._next_boundary is None or now < self._next_boundary):
-            return  # nothing moved: with 10,000 sockets, 40,000 needless checks a second
-        live = {s.principal.key_id for s in self.sessions}
-        if changed and live:
-            try:
-                self.key_cache = await self.store.get_keys(live)
-            except GatewayError:
-                pass  # Redis away: live sockets keep serving on what they last saw
-        for session in list(self.sessions):
-            code = session.principal_status()
-            if code is not None and session.id not in self._expelling:
+        for session, code in await self.auth.sweep(changed, self.sessions):
+            if session.id not in self._expelling:
                 # One task each: a slow client must not hold up the others' expulsion.
                 task = asyncio.create_task(session.expel(code), name=f"expel-{session.id}")
                 self._expelling[session.id] = task
                 task.add_done_callback(self._expelled)
-        boundaries = (_next_boundary(self.key_cache[k], now) for k in live if k in self.key_cache)
-        self._next_boundary = min((b for b in boundaries if b is not None), default=None)
 
     async def _refresh_leases(self) -> None:
         from app.keystore import LEASE_REFRESH_SECONDS
@@ -193,15 +174,6 @@ class _RenewalStreak:
                 },
             )
             self.failures = 0
-
-
-def _next_boundary(key: ApiKey, now: datetime) -> datetime | None:
-    """When `key`'s standing next changes by the clock alone: it expires, or a rotated
-    secret's grace ends."""
-    moments = [old.until for old in key.old_secrets if old.until > now]
-    if key.expires_at is not None and key.expires_at > now:
-        moments.append(key.expires_at)
-    return min(moments, default=None)
 
 
 NODE = web.AppKey("node", Node)

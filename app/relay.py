@@ -16,16 +16,15 @@ import orjson
 from aiohttp import web
 
 from app import metrics, sse
+from app.auth.principal import Principal
 from app.errors import Code, GatewayError
-from app.handlers import authenticate
 from app.http import error_response
-from app.keystore import Principal
 from app.ledger.rows import TurnRecord
 from app.node import NODE, Node
 from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object
-from app.redact import redact_bytes
 from app.routing import check_route
 from app.session import TERMINAL
+from app.upstream import HttpReply, UpstreamUnreachable, post_http
 from app.usage import charge
 
 Transport = Literal["http", "compact"]
@@ -102,7 +101,7 @@ async def _checked(
 ) -> tuple[HttpTurn, dict[str, Any]]:
     """Auth, then checks 3-5 and 8; the body to send upstream."""
     try:
-        principal, _key, team = await authenticate(node, request)
+        principal, _key, team = await node.auth.authenticate(request)
     except GatewayError as err:
         metrics.count_error(err.code)  # 401/403/429/503: no turn yet, so no ledger row
         raise
@@ -152,43 +151,33 @@ async def _relay(request: web.Request, transport: Transport, path: str) -> web.S
         metrics.count_error(Code.SERVER_SHUTTING_DOWN)
         return error_response(GatewayError(Code.SERVER_SHUTTING_DOWN), {"Retry-After": "1"})
     turn, body = await _checked(node, request, transport)
-    url = node.settings.openai_base_url + path
-    credential = _credential(node, turn)
-    headers = {"Authorization": f"Bearer {credential}"}
     try:
-        async with node.upstream_http.post(
-            url,
-            data=orjson.dumps(body),
-            headers={**headers, "Content-Type": "application/json"},
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=node.settings.upstream_handshake_seconds,
-                sock_read=node.settings.upstream_idle_seconds,
-            ),
+        async with post_http(
+            node.upstream_http,
+            node.settings.openai_base_url + path,
+            _credential(node, turn),
+            body,
+            connect=node.settings.upstream_handshake_seconds,
+            sock_read=node.settings.upstream_idle_seconds,
         ) as upstream:
             if body.get("stream") is True and upstream.status < 400:
                 return await _relay_sse(request, turn, upstream)
-            return await _relay_json(turn, upstream, transport, credential)
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return await _relay_json(turn, upstream, transport)
+    except (UpstreamUnreachable, OSError) as exc:  # OSError: the client's socket, in _relay_sse
+        reason = exc.reason if isinstance(exc, UpstreamUnreachable) else type(exc).__name__
         err = GatewayError(
             Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED,
-            f"Could not reach OpenAI over HTTP ({type(exc).__name__}).",
+            f"Could not reach OpenAI over HTTP ({reason}).",
         )
         metrics.count_error(err.code)
         turn.record(error_code=str(err.code), status="error")
         return error_response(err)
 
 
-async def _relay_json(
-    turn: HttpTurn, upstream: aiohttp.ClientResponse, transport: Transport, credential: str
-) -> web.Response:
-    raw = await upstream.read()
+async def _relay_json(turn: HttpTurn, upstream: HttpReply, transport: Transport) -> web.Response:
+    raw = await upstream.body()  # an error's redacted (OpenAI's 401 quotes the operator's key)
     turn.first_byte = time.perf_counter()
     metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)  # as the ledger's ttfe
-    if upstream.status >= 400:
-        # OpenAI's 401 quotes the operator's key (masked but for 12 characters): never ours to
-        # pass on. Errors only: a response body is the customer's own content.
-        raw = redact_bytes(raw, (credential,))
     try:
         value = orjson.loads(raw)
     except (orjson.JSONDecodeError, RecursionError, ValueError):
@@ -210,7 +199,7 @@ async def _relay_json(
 
 
 async def _relay_sse(
-    request: web.Request, turn: HttpTurn, upstream: aiohttp.ClientResponse
+    request: web.Request, turn: HttpTurn, upstream: HttpReply
 ) -> web.StreamResponse:
     resp = web.StreamResponse(
         status=upstream.status,
@@ -220,7 +209,7 @@ async def _relay_sse(
     final: dict[str, Any] | None = None
     status: str | None = None
     try:
-        async for event in sse.parse(upstream.content.iter_any()):
+        async for event in upstream.events():
             if turn.first_byte is None:
                 turn.first_byte = time.perf_counter()
                 metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)
@@ -234,8 +223,10 @@ async def _relay_sse(
                 status, final = _terminal(event.data, status, final)
         else:
             await resp.write_eof()
-    except (aiohttp.ClientError, TimeoutError):
-        pass  # the upstream stream broke: recorded as an error below
+    except (UpstreamUnreachable, aiohttp.ClientError):
+        # The upstream stream broke (recorded as an error below), or the client left as it
+        # ended (aiohttp's ClientConnectionResetError from write_eof).
+        pass
     turn.record(status=status or "error", response=final)
     return resp
 

@@ -10,14 +10,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app import handlers, relay
+from app import catalog, handlers, relay
+from app.auth.guard import AUTH_GUARD, AuthGuard
 from app.config import Settings
-from app.guard import AUTH_GUARD, AuthGuard
 from app.http import errors_middleware
 from app.keystore import KeyStore
 from app.ledger import Ledger
+from app.live import LiveSocket
 from app.node import NODE, Node
-from app.session import Session, State
+from app.session import State
 
 log = logging.getLogger("gateway.server")
 
@@ -51,6 +52,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics_endpoint)
+    for path in ("/v1/models", "/v1/gateway/models"):
+        app.router.add_get(path, catalog.customer_models)
+    app.router.add_get("/v1/models/{provider}/{model}", catalog.customer_model)
     from app.admin.api import setup_admin
 
     setup_admin(app)
@@ -83,7 +87,7 @@ async def drain(node: Node, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     end = min(_DRAIN_ENDS.get(node, math.inf), loop.time() + deadline)
     _DRAIN_ENDS[node] = end
-    asked: set[Session] = set()
+    asked: set[LiveSocket] = set()
     closing: set[asyncio.Task[None]] = set()
     while True:
         for session in list(node.sessions):

@@ -23,8 +23,8 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from app import ids, metrics
+from app.auth.principal import Principal, secret_status
 from app.errors import Code, GatewayError
-from app.keystore import Principal, secret_status
 from app.ledger.rows import SocketClosed, SocketOpened, TurnRecord
 from app.memory import ConversationMemory, as_items
 from app.node import Node

@@ -1,12 +1,16 @@
 """The upstream link: the only module that speaks to OpenAI.
 
 One `UpstreamConn` per client socket (OpenAI keeps its `previous_response_id` cache on the
-connection). aiohttp's exceptions are translated here into `UpstreamHandshakeError`.
+connection); `post_http` for the HTTP calls (the POST relay, compaction, the session's HTTP
+fallback through `stream_http`). aiohttp's exceptions are translated here: into
+`UpstreamHandshakeError` for the WebSocket, `UpstreamUnreachable` and `UpstreamHTTPError` over
+HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -103,6 +107,87 @@ async def open_upstream(
     return UpstreamConn(ws)
 
 
+# What aiohttp raises when OpenAI cannot be reached or its answer breaks off (its own errors wrap
+# the socket's OSError; a read past `sock_read` is a TimeoutError).
+_UNREACHABLE = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+class UpstreamUnreachable(Exception):
+    """OpenAI could not be reached over HTTP, or its answer broke off; `reason` names what
+    aiohttp raised (a class name, safe to show a customer)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HttpReply:
+    """OpenAI's answer to a POST: its status line and headers, the body read on demand."""
+
+    __slots__ = ("_credential", "_resp")
+
+    def __init__(self, resp: aiohttp.ClientResponse, credential: str) -> None:
+        self._resp = resp
+        self._credential = credential
+
+    @property
+    def status(self) -> int:
+        return self._resp.status
+
+    @property
+    def content_type(self) -> str:
+        return self._resp.content_type
+
+    async def body(self) -> bytes:
+        """The whole body. An error's has key-looking text redacted: OpenAI's 401 quotes the key
+        it refused (masked but for 12 characters), never ours to pass on. A response's is the
+        customer's own content, left as it came."""
+        try:
+            raw = await self._resp.read()
+        except _UNREACHABLE as exc:
+            raise UpstreamUnreachable(type(exc).__name__) from exc
+        return redact_bytes(raw, (self._credential,)) if self._resp.status >= 400 else raw
+
+    async def events(self) -> AsyncIterator[sse.Event]:
+        """The body's server-sent events, in order, as they arrive."""
+        try:
+            async for event in sse.parse(self._resp.content.iter_any()):
+                yield event
+        except _UNREACHABLE as exc:
+            raise UpstreamUnreachable(type(exc).__name__) from exc
+
+
+@contextlib.asynccontextmanager
+async def post_http(
+    http: aiohttp.ClientSession,
+    url: str,
+    credential: str,
+    body: dict[str, Any],
+    *,
+    connect: float,
+    sock_read: float | None,
+    accept: str | None = None,
+) -> AsyncIterator[HttpReply]:
+    """`POST url` with `body` as JSON, authorized by `credential`: OpenAI's reply, once its
+    status line and headers are in; `UpstreamUnreachable` when it could not be reached.
+    `connect`: the connection's timeout; `sock_read`: the longest silence while reading."""
+    headers = {"Authorization": f"Bearer {credential}"}
+    if accept is not None:
+        headers["Accept"] = accept
+    headers["Content-Type"] = "application/json"
+    try:
+        resp = await http.post(
+            url,
+            data=orjson.dumps(body),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=sock_read),
+        )
+    except _UNREACHABLE as exc:
+        raise UpstreamUnreachable(type(exc).__name__) from exc
+    async with resp:
+        yield HttpReply(resp, credential)
+
+
 class UpstreamHTTPError(Exception):
     """OpenAI answered an HTTP request with an error status; `body` is its JSON (or a stand-in)."""
 
@@ -112,10 +197,10 @@ class UpstreamHTTPError(Exception):
         self.body = body
 
 
-def _error_body(status: int, raw: bytes, credential: str = "") -> dict[str, Any]:
-    """The error OpenAI sent, with any key-looking text redacted: it goes to the customer."""
+def _error_body(status: int, raw: bytes) -> dict[str, Any]:
+    """The error OpenAI sent (`raw`, already redacted: `HttpReply.body`), or a stand-in."""
     try:
-        value = orjson.loads(redact_bytes(raw, (credential,)))
+        value = orjson.loads(raw)
     except (orjson.JSONDecodeError, RecursionError, ValueError):
         value = None
     if isinstance(value, dict) and isinstance(value.get("error"), dict):
@@ -134,19 +219,20 @@ async def stream_http(
     timeout: float,
 ) -> AsyncIterator[str]:
     """`POST {base}/responses` with `stream: true`: each SSE event's data, in order."""
-    headers = {"Authorization": f"Bearer {credential}", "Accept": "text/event-stream"}
     try:
-        async with http.post(
+        async with post_http(
+            http,
             f"{base_url}/responses",
-            data=orjson.dumps({**body, "stream": True}),
-            headers={**headers, "Content-Type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=None),
-        ) as resp:
-            if resp.status >= 400:
-                raw = await resp.read()
-                raise UpstreamHTTPError(resp.status, _error_body(resp.status, raw, credential))
-            async for event in sse.parse(resp.content.iter_any()):
+            credential,
+            {**body, "stream": True},
+            connect=timeout,
+            sock_read=None,
+            accept="text/event-stream",
+        ) as reply:
+            if reply.status >= 400:
+                raise UpstreamHTTPError(reply.status, _error_body(reply.status, await reply.body()))
+            async for event in reply.events():
                 if event.data != "[DONE]":
                     yield event.data
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except UpstreamUnreachable as exc:
         raise UpstreamHTTPError(502, _error_body(502, b"")) from exc

@@ -17,8 +17,9 @@ import orjson
 import pytest
 
 from app.admin.cli import cli_actor
+from app.auth.principal import hash_secret
 from app.cli import main
-from app.keystore import KeyStore, hash_secret
+from app.keystore import KeyStore
 
 Run = Callable[..., tuple[int, str, str]]
 

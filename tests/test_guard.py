@@ -1,4 +1,4 @@
-"""Failed authentications per client address (app/guard.py) and the admin API's TLS-proxy rule.
+"""Failed authentications per client address (app/auth/guard.py) and the admin API's TLS-proxy rule.
 
 The table itself is tested with a hand-driven clock; the refusals over real sockets against a
 real gateway (Redis, Postgres, the simulator), on the WebSocket handshake, `POST /v1/responses`,
@@ -18,11 +18,12 @@ from conftest import MODEL, Gateway, Sim, Tenant, gateway_settings
 from test_ws_checks import assert_usable
 from test_ws_handshake import assert_http_error
 
+from app.auth.guard import AUTH_GUARD, MAX_ADDRESSES, AuthGuard, client_key, right_most
+from app.auth.principal import new_secret
 from app.errors import Code, GatewayError
-from app.guard import AUTH_GUARD, MAX_ADDRESSES, AuthGuard, client_key, right_most
-from app.keystore import NodeView, new_secret
 from app.metrics import REGISTRY
 from app.server import create_app
+from app.view import NodeView
 
 ADMIN = "admin-test-token"  # conftest's gateway_settings
 WRONG = {"Authorization": "Bearer sk-gw-nope_nope"}

@@ -34,18 +34,16 @@ from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import ConnectionPool
 
 from app import ids, logs, metrics
+from app.auth.principal import Principal, hash_secret, secret_status
 from app.errors import Code
 from app.keystore import (
     RATE_SPARE_SECONDS,
     RATE_SPARES,
     RELEASE_BATCH_SECONDS,
     KeyStore,
-    NodeView,
-    Principal,
-    hash_secret,
-    secret_status,
 )
 from app.models import ApiKey, OldSecret, Team, utcnow
+from app.view import NodeView
 
 
 def _samples(histogram: Histogram) -> dict[tuple[str, str], float]:

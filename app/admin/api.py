@@ -1,4 +1,4 @@
-"""The admin API (CONTRACT.md §5) and the customer's model list.
+"""The admin API (CONTRACT.md §5).
 
 `setup_admin(app)` adds:
 
@@ -8,11 +8,9 @@
   admin request is refused: the API is never open. Before the token, in this order: with
   `GATEWAY_ADMIN_REQUIRE_TLS_PROXY`, a request that did not come over HTTPS through the proxy gets
   403 `admin_tls_required` (its token is never looked at, so a plaintext path is no oracle for
-  it); an address out of failed authentications gets 429 `rate_limit_exceeded` (app/guard.py).
+  it); an address out of failed authentications gets 429 `rate_limit_exceeded` (app/auth/guard.py).
   A wrong token counts against the address.
-- the `/admin/v1` routes, thin: parse, call `AdminOps`, shape the answer;
-- `GET /v1/models` and `GET /v1/gateway/models` for a customer key: the models its team may
-  route and this node can serve (allowed, priced, upstream credential set here).
+- the `/admin/v1` routes, thin: parse, call `AdminOps`, shape the answer.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel
 
 from app import metrics
@@ -31,8 +29,6 @@ from app.admin.openapi import openapi_document
 from app.admin.ops import Actor, AdminOps
 from app.admin.schemas import (
     DEFAULT_GRACE_SECONDS,
-    PROVIDER,
-    CustomerModel,
     KeyCreated,
     KeyCreateRequest,
     KeyInfo,
@@ -43,12 +39,11 @@ from app.admin.schemas import (
     model_name,
     parse_json,
 )
+from app.auth.authenticator import bearer
+from app.auth.guard import AUTH_GUARD, right_most
 from app.errors import Code, GatewayError
-from app.guard import AUTH_GUARD, admin_over_tls
-from app.handlers import authenticate, bearer
 from app.http import Handler, error_response
-from app.models import Team
-from app.node import NODE, Node
+from app.node import NODE
 
 PREFIX = "/admin/v1"
 ACTOR_HEADER = "X-Admin-Actor"
@@ -101,6 +96,31 @@ def _admin_refusal(request: web.Request) -> GatewayError | None:
     refused = GatewayError(Code.INVALID_ADMIN_TOKEN)
     guard.charge(address, refused)
     return refused
+
+
+def admin_over_tls(request: web.BaseRequest) -> bool:
+    """True when the request came over TLS: to this node, or to the proxy in front of it.
+
+    Every proxy header present must say `https` in its right-most entry (the one the nearest
+    proxy wrote): a client that forges `X-Forwarded-Proto: https` next to the proxy's own
+    `Forwarded: proto=http` is refused. At least one must be present. A client that reaches the
+    node directly can forge them all: this setting catches a misrouted request, the firewall in
+    front of the node's port keeps strangers out.
+    """
+    if request.secure:
+        return True
+    seen = False
+    proto = request.headers.get(hdrs.X_FORWARDED_PROTO)
+    if proto is not None:
+        if right_most(proto).lower() != "https":
+            return False
+        seen = True
+    if hdrs.FORWARDED in request.headers:
+        elements = request.forwarded
+        if not elements or elements[-1].get("proto", "").lower() != "https":
+            return False
+        seen = True
+    return seen
 
 
 def actor_of(request: web.Request) -> Actor:
@@ -236,39 +256,6 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 
 
-# -- the customer's model list ------------------------------------------------------------------
-
-
-def servable_models(node: Node, team: Team) -> list[str]:
-    """What the team may route and this node can serve: allowed, priced, credential set."""
-    if not node.credential(team.upstream_credential):
-        return []
-    return sorted(m for m in node.view.view.catalog if team.allows(m))
-
-
-async def _customer(request: web.Request) -> tuple[Node, Team]:
-    node = request.app[NODE]
-    try:
-        _principal, _key, team = await authenticate(node, request)
-    except GatewayError as err:
-        metrics.count_error(err.code)
-        raise
-    return node, team
-
-
-async def customer_models(request: web.Request) -> web.Response:
-    node, team = await _customer(request)
-    return list_response(CustomerModel(id=m) for m in servable_models(node, team))
-
-
-async def customer_model(request: web.Request) -> web.Response:
-    node, team = await _customer(request)
-    name = f"{request.match_info['provider']}/{request.match_info['model']}"
-    if request.match_info["provider"] != PROVIDER or name not in servable_models(node, team):
-        raise GatewayError(Code.NOT_FOUND, f"No model {name!r} for this key.", param="model")
-    return json_response(CustomerModel(id=name))
-
-
 # -- wiring -------------------------------------------------------------------------------------
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -292,13 +279,10 @@ ROUTES: list[tuple[str, str, Handler]] = [
 
 
 def setup_admin(app: web.Application) -> None:
-    """Add the admin routes, their guard, and the customer's model list to `app`."""
+    """Add the admin routes and their guard to `app`."""
     app.middlewares.append(admin_auth_middleware)
     for method, path, handler in ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
-    for path in ("/v1/models", "/v1/gateway/models"):
-        app.router.add_get(path, customer_models)
-    app.router.add_get("/v1/models/{provider}/{model}", customer_model)
 
 
 __all__ = ["PREFIX", "ROUTES", "setup_admin"]

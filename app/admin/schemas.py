@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic import ValidationError as PydanticValidationError
 
+from app.auth.principal import secret_status
 from app.errors import Code, GatewayError
-from app.keystore import secret_status
 from app.models import DEFAULT_CREDENTIAL, ApiKey, Limits, Price, Team, utcnow
 
 ID_PATTERN = r"^[A-Za-z0-9._-]+$"
@@ -302,15 +302,6 @@ class SessionInfo(_Answer):
     model: str | None
     opened_at: datetime
     turns: int
-
-
-class CustomerModel(_Answer):
-    """`GET /v1/models`: OpenAI's model object, for the caller's key."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = PROVIDER
 
 
 class ErrorObject(_Answer):

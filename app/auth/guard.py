@@ -1,4 +1,4 @@
-"""Guards in front of authentication: failed auths per client address, and the admin TLS proxy.
+"""The failed-authentication limit per client address (`GATEWAY_AUTH_FAILURES_PER_MINUTE`).
 
 `AuthGuard` counts failed authentications (401 `invalid_api_key`, `api_key_revoked`,
 `api_key_expired` on the customer endpoints; 401 `invalid_admin_token` on the admin API) per client
@@ -13,8 +13,8 @@ credential (CONTRACT.md §4): an address with no token left still has the admin 
 (compared in memory, no store involved) and any key the store has issued looked up as usual;
 only a key the store never issued is refused, with 429 `rate_limit_exceeded` and a `Retry-After`,
 without a lookup. Which keys were issued, a node knows from its copy of the store's digest log
-(`KeyStore.digests`, app/keystore.py `KnownDigests`), read once per 50 ms at most however many
-wrong keys arrive.
+(app/auth/digests.py `KnownDigests`), read once per 50 ms at most however many wrong keys
+arrive.
 
 The table is bounded: an address whose bucket is full again is forgotten (it is the same as an
 address never seen), and past `max_addresses` the address that failed least recently is dropped,
@@ -189,31 +189,6 @@ class AuthGuard:
         """Count `err` against `address` when it is a failed authentication."""
         if address is not None and err.code in AUTH_FAILURES:
             self.failed(address)
-
-
-def admin_over_tls(request: web.BaseRequest) -> bool:
-    """True when the request came over TLS: to this node, or to the proxy in front of it.
-
-    Every proxy header present must say `https` in its right-most entry (the one the nearest
-    proxy wrote): a client that forges `X-Forwarded-Proto: https` next to the proxy's own
-    `Forwarded: proto=http` is refused. At least one must be present. A client that reaches the
-    node directly can forge them all: this setting catches a misrouted request, the firewall in
-    front of the node's port keeps strangers out.
-    """
-    if request.secure:
-        return True
-    seen = False
-    proto = request.headers.get(hdrs.X_FORWARDED_PROTO)
-    if proto is not None:
-        if right_most(proto).lower() != "https":
-            return False
-        seen = True
-    if hdrs.FORWARDED in request.headers:
-        elements = request.forwarded
-        if not elements or elements[-1].get("proto", "").lower() != "https":
-            return False
-        seen = True
-    return seen
 
 
 AUTH_GUARD = web.AppKey("auth_guard", AuthGuard)
