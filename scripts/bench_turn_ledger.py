@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 import urllib.parse
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +77,22 @@ async def main() -> None:
     sim = TestServer(create_simulator_app(SimulatorOptions()))
     await sim.start_server()
     prefix = "gwbench:" + secrets.token_hex(6)
-    settings = Settings(
-        **{
-            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            "GATEWAY_REDIS_PREFIX": prefix,
-            "DATABASE_URL": db,
-            "OPENAI_BASE_URL": str(sim.make_url("/v1")),
-            "OPENAI_API_KEY": "sk-bench",
-            "GATEWAY_ENV": "dev",
-            "GATEWAY_SPILL_DIR": f"/tmp/{name}",
-        }
-    )
+    env: dict[str, Any] = {
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "GATEWAY_REDIS_PREFIX": prefix,
+        "DATABASE_URL": db,
+        "OPENAI_BASE_URL": str(sim.make_url("/v1")),
+        "OPENAI_API_KEY": "sk-bench",
+        "GATEWAY_ENV": "dev",
+        "GATEWAY_SPILL_DIR": f"/tmp/{name}",
+    }
+    settings = Settings(**env)
     app = create_app(settings)
     gw = TestServer(app)
     await gw.start_server()
     node = app[NODE]
     await node.store.put_team(Team(id="bench", allowed_models=[MODEL]))
-    await node.store.set_price(MODEL, Price(input_per_mtok=1, output_per_mtok=2))
+    await node.store.set_price(MODEL, Price(input_per_mtok=Decimal(1), output_per_mtok=Decimal(2)))
     _, key = await node.store.create_key("bench")
     url = str(gw.make_url("/v1/responses"))
     record = node.ledger.record

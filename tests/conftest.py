@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -283,16 +284,33 @@ def text_of(events: list[dict[str, Any]]) -> str:
     return "".join(e["delta"] for e in events if e.get("type") == "response.output_text.delta")
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await _maybe_await(predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+async def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Call `check` (sync or async) until it is met, and return what it returned.
 
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if asyncio.iscoroutine(value) else value
+    Met: it returned something true, or it returned None without raising AssertionError (a
+    check written with asserts). Not met: it returned False (or another false value), or raised
+    AssertionError. Past `timeout` the last AssertionError is raised again, or one saying what
+    the check returned. The one polling loop of the suite: a test waits on an event it can
+    observe, never on a sleep of a guessed length.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        failure: AssertionError | None = None
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+        except AssertionError as exc:
+            failure = exc
+        else:
+            if result is None or result:
+                return result
+        if loop.time() > deadline:
+            if failure is not None:
+                raise failure
+            raise AssertionError(f"not met within {timeout} s (the check returned {result!r})")
+        await asyncio.sleep(interval)
 
 
 async def drop_upstream_connections(sim: Sim) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import MODEL, Gateway, Tenant, create, recv, send, turn, wait_for
+from conftest import MODEL, Gateway, Tenant, create, eventually, recv, send, turn
 from test_ws_checks import assert_error, assert_usable
 from test_ws_handshake import assert_http_error, handshake
 
@@ -201,16 +201,16 @@ async def test_socket_cap_per_key_holds_across_nodes(
         await refused(node_b, tenant.key, 429, "too_many_connections")
         await refused(gateway, tenant.key, 429, "too_many_connections")
         await assert_usable(ws_a)
+
     # The slot is released with the socket: node B now gets it.
-    for _ in range(50):
+    async def usable_on_b() -> None:
         try:
             async with socket(node_b, tenant.key) as ws_b:
                 await assert_usable(ws_b)
-            break
-        except aiohttp.WSServerHandshakeError:
-            await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the slot was never released")
+        except aiohttp.WSServerHandshakeError as exc:
+            raise AssertionError("the slot was never released") from exc
+
+    await eventually(usable_on_b, timeout=2.5, interval=0.05)
 
 
 async def test_socket_cap_per_team_holds_across_nodes(
@@ -251,7 +251,8 @@ async def test_rate_limit_holds_across_nodes(
 
 
 async def listed(gw: Gateway, socket_id: str) -> dict[str, Any]:
-    [found] = [s for s in (await admin(gw, "GET", "/sessions"))["data"] if s["id"] == socket_id]
+    listed: list[dict[str, Any]] = (await admin(gw, "GET", "/sessions"))["data"]
+    [found] = [s for s in listed if s["id"] == socket_id]
     return found
 
 
@@ -294,7 +295,7 @@ async def test_a_late_record_write_does_not_bring_back_a_closed_socket(
     async def released() -> bool:
         return await store.redis.exists(record) == 0
 
-    await wait_for(released)
+    await eventually(released)
     store.update_session(opened["id"], {**opened, "model": MODEL, "turns": 1})
     await store.flush_session_infos()
     assert await store.redis.exists(record) == 0
@@ -316,7 +317,7 @@ async def test_a_late_lease_renewal_does_not_bring_back_a_closed_socket(
     async def released() -> bool:
         return await store.redis.exists(record) == 0
 
-    await wait_for(released)
+    await eventually(released)
     await store.refresh_leases([(principal, opened["id"], opened)])
     assert await store.redis.exists(record) == 0
     assert await store.redis.zscore(store.k("sessions"), opened["id"]) is None

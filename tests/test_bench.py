@@ -134,7 +134,7 @@ async def test_relay_forwards_every_event_in_order(aiohttp_server: Any) -> None:
             url = base.make_url("/v1/responses")
             async with http.ws_connect(url, headers={"Authorization": "Bearer k"}) as ws:
                 await ws.send_str(frame)
-                texts = []
+                texts: list[str] = []
                 while not texts or event_type(texts[-1]) != "response.completed":
                     texts.append((await ws.receive(timeout=5)).data)
         received[name] = texts

@@ -30,12 +30,12 @@ from conftest import (
     Sim,
     Tenant,
     create,
+    eventually,
     gateway_settings,
     make_tenant,
     recv,
     send,
     turn,
-    wait_for,
 )
 from services import RedisServer, fresh_redis_prefix
 from test_ws_checks import assert_error, assert_usable
@@ -160,7 +160,7 @@ async def test_after_redis_returns_nothing_is_wedged(
     async def ready() -> bool:
         return (await get(redis_gateway, "/readyz"))[0] == 200
 
-    await wait_for(ready, timeout=10)
+    await eventually(ready, timeout=10)
     assert gauge((await get(redis_gateway, "/metrics"))[1], "gateway_redis_up") == 1
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
         url = redis_gateway.url("/v1/responses")
@@ -182,7 +182,7 @@ async def test_after_redis_returns_nothing_is_wedged(
                 aiohttp.WSMsgType.CLOSED,
             )
             assert ws.close_code == 1008
-    await wait_for(lambda: not redis_gateway.node.sessions, timeout=5)
+    await eventually(lambda: not redis_gateway.node.sessions, timeout=5)
 
 
 async def test_a_hung_redis_does_not_stall_live_turns(
@@ -262,7 +262,7 @@ async def test_failing_lease_renewals_are_counted_and_logged_once_per_streak(
         async def three_more() -> bool:
             return await failures() >= before + 3
 
-        await wait_for(three_more, timeout=15)  # each renewal waits out Redis' 1 s timeout
+        await eventually(three_more, timeout=15)  # each renewal waits out Redis' 1 s timeout
     finally:
         own_redis.thaw()
     (failing,) = lines()
@@ -271,7 +271,7 @@ async def test_failing_lease_renewals_are_counted_and_logged_once_per_streak(
     def recovered() -> bool:
         return len(lines()) == 2
 
-    await wait_for(recovered, timeout=10)
+    await eventually(recovered, timeout=10)
     back = lines()[1]
     assert back.levelno == logging.INFO and back.__dict__["failures"] >= 3
     settled = await failures()
@@ -296,8 +296,8 @@ async def assert_left_mid_response(
     async def upstream_closed() -> bool:
         return not await sim_connections(sim)
 
-    await wait_for(upstream_closed, timeout=5)
-    await wait_for(lambda: not gateway.node.sessions, timeout=5)
+    await eventually(upstream_closed, timeout=5)
+    await eventually(lambda: not gateway.node.sessions, timeout=5)
     assert await gateway.node.ledger.flushed(10)
     sockets = await fetch(database_url, "SELECT * FROM sockets WHERE key_id = $1", tenant.key_id)
     assert len(sockets) == 1
@@ -389,7 +389,7 @@ async def test_a_vanished_client_leaves_the_node_serving(
         transport = ws._response.connection.transport if ws._response.connection else None
         assert transport is not None
         transport.abort()
-    await wait_for(lambda: not gateway.node.sessions, timeout=5)
+    await eventually(lambda: not gateway.node.sessions, timeout=5)
     async with connect() as ws:
         events = await turn(ws)
         assert events[-1]["type"] == "response.completed"

@@ -41,11 +41,11 @@ async def fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 
 def expected_cost(usage: dict[str, Any]) -> Decimal:
     """The tenant's prices: 1.25 input, 0.125 cached input, 10 output (USD per million)."""
-    cached = usage["input_tokens_details"]["cached_tokens"]
+    cached = int(usage["input_tokens_details"]["cached_tokens"])
     return (
-        (usage["input_tokens"] - cached) * Decimal("1.25")
+        (int(usage["input_tokens"]) - cached) * Decimal("1.25")
         + cached * Decimal("0.125")
-        + usage["output_tokens"] * Decimal("10")
+        + int(usage["output_tokens"]) * Decimal("10")
     ) / Decimal(1_000_000)
 
 
@@ -160,13 +160,14 @@ async def test_every_turn_with_a_ttfe_observes_the_histogram_once(
     if first == "http_json":
         await post_json(gateway, tenant)
     else:
-        fields: dict[str, Any] = {
+        choices: dict[str, dict[str, Any]] = {
             "error": {"previous_response_id": "resp_unknown"},
             "response.failed": {
                 "metadata": {"sim_fault": "response_failed", "sim_fault_after": "0"}
             },
             "response.created": {},
-        }[first]
+        }
+        fields = choices[first]
         async with connect() as ws:
             events = await turn(ws, **fields)
         assert events[0]["type"] == first, events

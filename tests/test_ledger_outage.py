@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from conftest import eventually
 from services import PostgresServer, fresh_database_name, run_blocking
 
 from app.ledger import AdminAction, Ledger, SocketClosed, SocketOpened, TurnRecord, migrate
@@ -66,13 +67,6 @@ async def _execute(url: str, sql: str) -> None:
 
 def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
-
-
-async def eventually(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def conversation(socket_id: str, turns: int) -> list[Row]:
@@ -182,17 +176,19 @@ async def test_an_outage_loses_nothing_and_writes_nothing_twice(
     # one call may absorb a garbage collection pause on a busy machine.)
     assert slowest < 0.05, f"record() took {slowest * 1000:.1f} ms during the outage"
     assert ledger.pending_rows == recorded
-    await eventually(lambda: metric("gateway_ledger_pending_rows") == gauge + recorded)
+    await eventually(lambda: metric("gateway_ledger_pending_rows") == gauge + recorded, timeout=10)
     # Over the memory bound (50): the oldest rows are in fsynced spill files.
-    await eventually(lambda: len(segments(spill)) > 0 and ledger.pending_rows == recorded)
-    await eventually(lambda: not ledger.postgres_up)
-    await eventually(lambda: metric("gateway_ledger_write_failures_total") > failures)
+    await eventually(
+        lambda: len(segments(spill)) > 0 and ledger.pending_rows == recorded, timeout=10
+    )
+    await eventually(lambda: not ledger.postgres_up, timeout=10)
+    await eventually(lambda: metric("gateway_ledger_write_failures_total") > failures, timeout=10)
     assert metric("gateway_postgres_up") == 0
 
     await asyncio.to_thread(server.start)
     assert await ledger.flushed(timeout=20)
     assert ledger.pending_rows == 0 and ledger.postgres_up
-    await eventually(lambda: metric("gateway_ledger_pending_rows") == gauge)
+    await eventually(lambda: metric("gateway_ledger_pending_rows") == gauge, timeout=10)
     assert segments(spill) == []
     await check_written_once(database_url, before + during, turns=2)
     await ledger.close()

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from conftest import Connect, Gateway, create, recv, send, until_terminal, wait_for
+from conftest import Connect, Gateway, create, eventually, recv, send, until_terminal
 
 from app.bench.load import collector_held_off
 from app.session import Session
@@ -82,7 +82,7 @@ async def test_an_ended_session_is_freed_without_the_collector(
     scenario: Callable[[Connect, Gateway], Awaitable[weakref.ref[Session]]],
 ) -> None:
     ref = await scenario(connect, gateway)
-    await wait_for(lambda: not gateway.node.sessions)
+    await eventually(lambda: not gateway.node.sessions)
     await asyncio.sleep(0.1)  # the cancelled upstream reader and the closes run to their end
     session = ref()
     if session is not None:

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
-from conftest import UPSTREAM_KEY, Sim, Tenant, create, make_tenant, recv, send, turn
+from conftest import UPSTREAM_KEY, Sim, Tenant, create, eventually, make_tenant, recv, send, turn
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.keystore import KeyStore
@@ -170,18 +170,6 @@ async def open_on_each_worker(
     raise AssertionError(f"connections did not reach both workers: {known}")
 
 
-async def eventually(check: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            await check()
-            return
-        except AssertionError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-        await asyncio.sleep(0.1)
-
-
 async def test_metrics_add_up_the_sockets_of_every_worker(
     sim: Sim, redis_url: str, redis_prefix: str, database_url: str, tmp_path: Path
 ) -> None:
@@ -200,7 +188,7 @@ async def test_metrics_add_up_the_sockets_of_every_worker(
             samples = await scrape(http, served)
             assert samples["gateway_ws_connections_active"] == expected, samples
 
-        await eventually(lambda: all_counted(sockets))
+        await eventually(lambda: all_counted(sockets), interval=0.1)
         for _ in range(8):  # whichever worker answers, it counts every worker's sockets
             samples = await scrape(http, served)
             assert samples["gateway_ws_connections_active"] == sockets
@@ -216,7 +204,7 @@ async def test_metrics_add_up_the_sockets_of_every_worker(
         nodes = await session_nodes(http, served)
         victim = nodes[0]
         os.kill(int(victim.rsplit("-", 2)[1]), signal.SIGKILL)
-        await eventually(lambda: all_counted(sockets - nodes.count(victim)))
+        await eventually(lambda: all_counted(sockets - nodes.count(victim)), interval=0.1)
         samples = await scrape(http, served)
         assert samples['gateway_ws_connections_total{outcome="accepted"}'] == sockets
 
@@ -226,9 +214,9 @@ async def test_metrics_add_up_the_sockets_of_every_worker(
             )
             assert set(await session_nodes(http, served)) - set(nodes)
 
-        await eventually(replaced, timeout=15)
+        await eventually(replaced, timeout=15, interval=0.1)
         await stack.aclose()
-        await eventually(lambda: all_counted(0))
+        await eventually(lambda: all_counted(0), interval=0.1)
         served.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(served.proc.wait(), 20) == 0
 
@@ -244,7 +232,7 @@ async def refused_handshake(http: aiohttp.ClientSession, served: Served) -> int 
 
 
 async def read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
-    events = []
+    events: list[dict[str, Any]] = []
     while True:
         msg = await ws.receive(timeout=15)
         if msg.type != aiohttp.WSMsgType.TEXT:
@@ -289,7 +277,7 @@ async def test_sigterm_lets_streams_finish_refuses_new_work_and_exits_0(
         async def refusing() -> None:
             assert await refused_handshake(http, served) == 503
 
-        await eventually(refusing, timeout=3)
+        await eventually(refusing, timeout=3, interval=0.1)
         for _ in range(4):
             assert await refused_handshake(http, served) == 503
         async with http.get(served.url("/v1/responses"), headers=UPGRADE) as resp:

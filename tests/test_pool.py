@@ -16,13 +16,13 @@ from conftest import (
     Sim,
     Tenant,
     create,
+    eventually,
     make_tenant,
     recv,
     send,
     text_of,
     turn,
     until_terminal,
-    wait_for,
 )
 
 from app.metrics import REGISTRY
@@ -53,7 +53,7 @@ async def request_conns(sim: Sim) -> list[str]:
 
 
 async def warm(gateway: Gateway, count: int, name: str = DEFAULT_CREDENTIAL) -> None:
-    await wait_for(lambda: gateway.node.pool.ready(name) == count, timeout=10)
+    await eventually(lambda: gateway.node.pool.ready(name) == count, timeout=10)
 
 
 # -- the backoff, without sockets -----------------------------------------------------------------
@@ -173,8 +173,8 @@ async def test_pooled_sockets_are_refreshed_by_age(
     assert gateway.node.pool.refresh_age == pytest.approx(0.3)
     await warm(gateway, 1)
     (first,) = await open_ids(sim)
-    await wait_for(lambda: _handshakes_at_least(sim, 4), timeout=10)
-    await wait_for(lambda: _open_ids_without(sim, first), timeout=5)  # the old one was closed
+    await eventually(lambda: _handshakes_at_least(sim, 4), timeout=10)
+    await eventually(lambda: _open_ids_without(sim, first), timeout=5)  # the old one was closed
     await warm(gateway, 1)
     assert len(await open_ids(sim)) <= 2  # one pooled, at most one replacement under way
     async with connect() as ws:
@@ -239,7 +239,7 @@ async def test_only_credentials_set_on_the_node_are_warmed(
     await make_tenant(gateway.store, "acme")  # the default credential, unset here
     beta = await make_tenant(gateway.store, "beta", credential="POOL_TEST_TEAM_KEY")
     await make_tenant(gateway.store, "gamma", credential="POOL_TEST_UNSET_KEY")
-    await wait_for(lambda: gateway.node.pool.names == {"POOL_TEST_TEAM_KEY"})
+    await eventually(lambda: gateway.node.pool.names == {"POOL_TEST_TEAM_KEY"})
     await warm(gateway, 1, "POOL_TEST_TEAM_KEY")
     await asyncio.sleep(0.2)
     shakes = await sim.handshakes()
@@ -261,8 +261,8 @@ async def test_a_team_credential_is_warmed_beside_the_default(
     assert seen == ["Bearer sk-team-pool-key"] * 2 + [f"Bearer {UPSTREAM_KEY}"] * 2
     # The last team using a credential is disabled: its warm sockets are closed.
     await gateway.store.put_team(beta.team.model_copy(update={"active": False}))
-    await wait_for(lambda: gateway.node.pool.names == {DEFAULT_CREDENTIAL})
-    await wait_for(lambda: _open_count(sim, 2))
+    await eventually(lambda: gateway.node.pool.names == {DEFAULT_CREDENTIAL})
+    await eventually(lambda: _open_count(sim, 2))
     assert gateway.node.pool.ready(DEFAULT_CREDENTIAL) == 2
 
 
@@ -279,7 +279,7 @@ async def test_shutdown_closes_the_pooled_sockets(gateway: Gateway, sim: Sim) ->
     await gateway.server.close()
     assert gateway.node.pool.names == frozenset()
     assert REGISTRY.get_sample_value("gateway_upstream_pool_ready") == ready - 2
-    await wait_for(lambda: _no_open(sim), timeout=5)
+    await eventually(lambda: _no_open(sim), timeout=5)
     left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("pool-")]
     assert left == []
 

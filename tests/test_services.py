@@ -15,11 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-
-try:
-    import services
-except ImportError:  # tests/ is a package
-    from tests import services  # type: ignore[no-redef, import-not-found, unused-ignore]
+import services
 
 CLOSED = "127.0.0.1:1"  # nothing listens on port 1
 

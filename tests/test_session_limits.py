@@ -18,7 +18,7 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from conftest import Connect, Gateway, Tenant, create, recv, send, turn, wait_for
+from conftest import Connect, Gateway, Tenant, create, eventually, recv, send, turn
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
@@ -47,7 +47,7 @@ async def gateway_closes(gateway: Gateway, side: str, code: str) -> float:
 
 async def socket_row(gateway: Gateway, database_url: str, key_id: str) -> asyncpg.Record:
     """The one socket row of `key_id`, once the session has ended and the ledger is written."""
-    await wait_for(lambda: not gateway.node.sessions, timeout=5)
+    await eventually(lambda: not gateway.node.sessions, timeout=5)
     assert await gateway.node.ledger.flushed(10)
     conn = await asyncpg.connect(database_url)
     try:
@@ -270,7 +270,7 @@ async def test_a_client_still_sending_gets_the_gateways_close_code(
         stop = asyncio.Event()
         sender = asyncio.create_task(keep_sending(ws, stop))
         task = await trigger(how, gateway, tenant)
-        await wait_for(lambda: session.state is not State.IDLE, timeout=5)
+        await eventually(lambda: session.state is not State.IDLE, timeout=5)
         await asyncio.sleep(0.5)  # the close frame is out; the client is busy sending
         stop.set()
         assert await sender > 0  # every send went through: the connection was still open

@@ -90,7 +90,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     (wheel,) = dist.glob("*.whl")
     # The suite's pip installs into the new venv (--python): it needs no pip of its own.
     _run([sys.executable, "-m", "venv", "--without-pip", venv], base)
-    pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q"]
+    pip: list[str | Path] = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
+    pip += ["install", "-q"]
     _run([*pip, "--require-hashes", "-r", LOCK], base)
     _run([*pip, "--no-deps", wheel], base)
     print(f"\nwheel built and installed with the lock in {time.monotonic() - started:.1f} s")

@@ -17,12 +17,13 @@ from conftest import (
     Tenant,
     create,
     drop_upstream_connections,
+    eventually,
     recv,
     send,
     text_of,
     turn,
-    wait_for,
 )
+from openai.types.responses import EasyInputMessageParam
 from test_ws_checks import assert_error, assert_usable
 
 from app import metrics
@@ -30,7 +31,7 @@ from app import metrics
 USER = {"role": "user", "content": "first question"}
 
 
-def user(text: str) -> dict[str, Any]:
+def user(text: str) -> EasyInputMessageParam:
     return {"role": "user", "content": text}
 
 
@@ -492,8 +493,8 @@ async def test_client_that_stops_reading_is_closed_1008(gateway: Gateway, connec
             if msg.type != aiohttp.WSMsgType.TEXT:
                 break
         assert ws.close_code == 1008
-    await wait_for(lambda: closes._value.get() == before + 1)
-    await wait_for(lambda: not gateway.node.sessions)
+    await eventually(lambda: closes._value.get() == before + 1)
+    await eventually(lambda: not gateway.node.sessions)
 
 
 @pytest.mark.parametrize("settings_overrides", [{"GATEWAY_HTTP_FALLBACK": False}])
