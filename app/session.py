@@ -31,6 +31,7 @@ from app.node import Node
 from app.protocol import ClientFrame, Ignored, parse_client_frame, stream_id_of
 from app.rawpath import RawForwarder
 from app.routing import check_route
+from app.turn import Turn
 from app.upstream import (
     UpstreamConn,
     UpstreamHandshakeError,
@@ -114,44 +115,6 @@ def with_stream_id(text: str, stream_id: str) -> str:
     if '"' in body:  # it has members: the lane follows them
         return f'{body[:-1]},"stream_id":{stream_id}}}'
     return f'{{"stream_id":{stream_id}}}'
-
-
-class Turn:
-    """One accepted `response.create` until its terminal event."""
-
-    __slots__ = (
-        "conn",
-        "duration_ms",
-        "events",
-        "first_event_at",
-        "frame",
-        "http_fallback",
-        "memory_bound_exceeded",
-        "overhead",
-        "received_at",
-        "response_id",
-        "retried",
-        "sent_input",
-        "sent_previous_id",
-        "started",
-        "task",
-    )
-
-    def __init__(self, frame: ClientFrame) -> None:
-        self.frame = frame
-        self.received_at = now_utc()
-        self.started = time.perf_counter()
-        self.first_event_at: float | None = None
-        self.events = 0
-        self.retried = False
-        self.http_fallback = False
-        self.memory_bound_exceeded = False
-        self.response_id: str | None = None
-        self.conn: UpstreamConn | None = None
-        self.sent_previous_id: str | None = None
-        self.sent_input: list[Any] = []
-        self.task: asyncio.Task[None] | None = None
-        self.overhead = metrics.Tally(metrics.OVERHEAD)
 
 
 class Session:
@@ -536,8 +499,9 @@ class Session:
         usage_fields = charge(self.node.view.view.catalog, model, self.principal.team_id, usage)
         metrics.responses(model, status).inc()
         metrics.RESPONSE_DURATION.observe(duration)
-        turn.overhead.flush()
-        ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
+        tally = turn.tally
+        tally.flush()
+        ttfe = None if tally.first_event_at is None else tally.first_event_at - turn.started
         log.info(
             "response",
             extra={
@@ -595,9 +559,8 @@ class Session:
     ) -> bool:
         """The raw hot path (app/rawpath.py): may the upstream text frame `data[start:end]` go to
         the client as it came? Yes if it is an event of the turn under way that needs nothing
-        awaited (not a terminal event, not an error) and the client's buffer has room; the
-        bookkeeping `_on_upstream_text` does for such an event is done here, and the frame goes
-        out with the others of its read in `raw_write`. False: it takes aiohttp's path."""
+        awaited (not a terminal event, not an error) and the client's buffer has room; it then
+        goes out with the others of its read in `raw_write`. False: it takes aiohttp's path."""
         turn = self.turn
         if turn is None or turn.conn is not conn or not data.startswith(_TYPE_BYTES, payload):
             return False
@@ -618,10 +581,6 @@ class Session:
                 turn.response_id = _response_id(orjson.loads(data[payload:end]))
             except orjson.JSONDecodeError:
                 return False
-        if turn.first_event_at is None:
-            turn.first_event_at = received = time.perf_counter()
-            metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
-        turn.events += 1
         return True
 
     def raw_write(self, frames: bytes, count: int, received: float) -> None:
@@ -631,7 +590,7 @@ class Session:
         turn = self.turn
         assert transport is not None and turn is not None  # raw_frame checked, nothing since
         transport.write(frames)
-        turn.overhead.observe(time.perf_counter() - received, count)
+        turn.tally.forwarded(received, count)
 
     async def _read_upstream(self, conn: UpstreamConn, raw: RawForwarder | None = None) -> None:
         ws = conn.ws
@@ -670,24 +629,28 @@ class Session:
         turn = self.turn
         kind = event_type(text)
         if kind in INSPECTED:
-            handled = await self._inspect(conn, turn, kind, text)
+            handled = await self._inspect(conn, turn, kind, text, received)
             if handled is not None:
                 return handled
-        if turn is not None:
-            turn.events += 1
-            if turn.first_event_at is None:
-                turn.first_event_at = received
-                metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
+        return await self._deliver(turn, text, received)
+
+    async def _deliver(self, turn: Turn | None, text: str, received: float) -> bool:
+        """An event to the client, then counted (as `raw_write` does for the raw path)."""
         if not await self._send(text):
             return False
         if turn is not None:
-            turn.overhead.observe(time.perf_counter() - received)
+            turn.tally.forwarded(received)
         else:
             metrics.OVERHEAD.observe(time.perf_counter() - received)
         return True
 
     async def _inspect(
-        self, conn: UpstreamConn | None, turn: Turn | None, kind: str | None, text: str
+        self,
+        conn: UpstreamConn | None,
+        turn: Turn | None,
+        kind: str | None,
+        text: str,
+        received: float,
     ) -> bool | None:
         """The few events that matter to the session. None: forward as usual."""
         event = orjson.loads(text)
@@ -701,7 +664,7 @@ class Session:
             found = event.get("response")
             response: dict[str, Any] = found if isinstance(found, dict) else {}
             turn.response_id = _response_id(event) or turn.response_id
-            if not await self._forward_final(turn, text):
+            if not await self._deliver(turn, text, received):
                 return False
             status = str(response.get("status") or kind.removeprefix("response."))
             if kind == "response.failed":
@@ -716,17 +679,14 @@ class Session:
                 )
             await self._end_turn(turn, status, response=response)
             return True
-        return await self._on_upstream_error(conn, turn, event)
-
-    async def _forward_final(self, turn: Turn, text: str) -> bool:
-        turn.events += 1
-        if turn.first_event_at is None:  # a turn whose first event ends it (an error, failed)
-            turn.first_event_at = first = time.perf_counter()
-            metrics.TIME_TO_FIRST_EVENT.observe(first - turn.started)
-        return await self._send(text)
+        return await self._on_upstream_error(conn, turn, event, received)
 
     async def _on_upstream_error(
-        self, conn: UpstreamConn | None, turn: Turn | None, event: dict[str, Any]
+        self,
+        conn: UpstreamConn | None,
+        turn: Turn | None,
+        event: dict[str, Any],
+        received: float,
     ) -> bool | None:
         found = event.get("error")
         error: dict[str, Any] = found if isinstance(found, dict) else {}
@@ -751,7 +711,7 @@ class Session:
             turn.memory_bound_exceeded = True
         if text is None:
             text = orjson.dumps(event).decode()
-        ok = await self._forward_final(turn, text)
+        ok = await self._deliver(turn, text, received)
         metrics.count_error(str(code or "upstream_error"))
         await self._end_turn(turn, "error")
         return ok
@@ -760,7 +720,7 @@ class Session:
         """One retry of a `previous_response_not_found`, with the remembered chain."""
         previous = turn.frame.previous_response_id
         own = turn.frame.input
-        if turn.retried or previous is None or not isinstance(own, list) or turn.events:
+        if turn.retried or previous is None or not isinstance(own, list) or turn.tally.events:
             return False
         chain = self.memory.chain_for(previous)
         if chain is None:
@@ -794,7 +754,7 @@ class Session:
         """OpenAI's silent close on a non-integer temperature/top_p (UPSTREAM.md, fault 1)."""
         return (
             code == 1000
-            and turn.events == 0
+            and turn.tally.events == 0
             and not turn.http_fallback
             and turn.frame.has_decimal_sampling
             and self.node.settings.http_fallback

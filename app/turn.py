@@ -1,0 +1,45 @@
+"""One accepted `response.create`, from its acceptance to its terminal event."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from app import metrics
+from app.protocol import ClientFrame
+from app.upstream import UpstreamConn
+
+
+class Turn:
+    __slots__ = (
+        "conn",
+        "frame",
+        "http_fallback",
+        "memory_bound_exceeded",
+        "received_at",
+        "response_id",
+        "retried",
+        "sent_input",
+        "sent_previous_id",
+        "started",
+        "tally",
+        "task",
+    )
+
+    def __init__(self, frame: ClientFrame) -> None:
+        self.frame = frame
+        self.received_at = datetime.now(UTC)
+        self.started = time.perf_counter()
+        self.tally = metrics.EventTally(self.started)  # its events: count, TTFE, overhead
+        self.retried = False
+        self.http_fallback = False
+        self.memory_bound_exceeded = False
+        self.response_id: str | None = None
+        # The upstream socket the request went out on (None: not yet, or the HTTP fallback), and
+        # what it said: the chain it continued and its input items, for the memory.
+        self.conn: UpstreamConn | None = None
+        self.sent_previous_id: str | None = None
+        self.sent_input: list[Any] = []
+        self.task: asyncio.Task[None] | None = None
