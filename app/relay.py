@@ -25,7 +25,7 @@ from app.node import NODE, Node
 from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object
 from app.redact import redact_bytes
 from app.routing import check_route
-from app.session import TERMINAL
+from app.turnpolicy import TERMINAL
 from app.usage import charge
 
 Transport = Literal["http", "compact"]

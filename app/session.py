@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType, web
 
-from app import ids, metrics
+from app import ids, metrics, turnpolicy
 from app.errors import Code, GatewayError
 from app.keystore import Principal, secret_status
 from app.ledger.rows import SocketClosed, SocketOpened, TurnRecord
@@ -32,6 +32,7 @@ from app.protocol import ClientFrame, Ignored, parse_client_frame, stream_id_of
 from app.rawpath import RawForwarder
 from app.routing import check_route
 from app.turn import Turn
+from app.turnpolicy import INSPECTED, NOT_FOUND, TERMINAL, Action, Chain, unchained_input
 from app.upstream import (
     UpstreamConn,
     UpstreamHandshakeError,
@@ -43,15 +44,10 @@ from app.usage import charge
 
 log = logging.getLogger("gateway.session")
 
-TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-# The only upstream events the gateway looks into; every other event is forwarded unparsed.
-INSPECTED = TERMINAL | {"response.created", "error"}
 # The events whose handling awaits (the turn's end, retries): never on the raw path.
 _AWAITED_BYTES = frozenset(kind.encode() for kind in (*TERMINAL, "error"))
 _TYPE_PREFIX = '{"type":"'
 _TYPE_BYTES = _TYPE_PREFIX.encode()
-LIMIT_REACHED = "websocket_connection_limit_reached"
-NOT_FOUND = "previous_response_not_found"
 
 # The socket limits close at a turn boundary with 1000, the code OpenAI closes its own sockets
 # with at its 60-minute limit (UPSTREAM.md): clients written for OpenAI's WebSocket mode already
@@ -408,21 +404,17 @@ class Session:
         try:
             conn = await self._ensure_upstream()
         except UpstreamHandshakeError as exc:
-            err = GatewayError(
-                Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED,
-                f"Could not open the upstream WebSocket to OpenAI: {exc.detail}.",
-            )
-            await self._end_turn(turn, "error", error=err)
+            verdict = turnpolicy.on_handshake_failure(exc.detail)
+            await self._end_turn(turn, verdict.status, error=verdict.error)
             return
         body = turn.frame.upstream_body()
-        own = as_items(turn.frame.input)
         previous = turn.frame.previous_response_id
-        if conn.served == 0 and previous is not None and own is not None:
+        if conn.served == 0 and previous is not None:
             # A new upstream socket has an empty cache: continue the chain from memory.
-            chain = self.memory.chain_for(previous)
-            if chain is not None:
+            items = unchained_input(self.memory.chain_for(previous), as_items(turn.frame.input))
+            if items is not None:
                 body["previous_response_id"] = None
-                body["input"] = [*chain, *own]
+                body["input"] = items
         await self._send_upstream(turn, conn, body)
 
     async def _send_upstream(self, turn: Turn, conn: UpstreamConn, body: dict[str, Any]) -> None:
@@ -652,7 +644,7 @@ class Session:
         text: str,
         received: float,
     ) -> bool | None:
-        """The few events that matter to the session. None: forward as usual."""
+        """The few events that matter to the turn. None: forward it as usual."""
         event = orjson.loads(text)
         if kind == "response.created":
             if turn is not None:
@@ -666,18 +658,10 @@ class Session:
             turn.response_id = _response_id(event) or turn.response_id
             if not await self._deliver(turn, text, received):
                 return False
-            status = str(response.get("status") or kind.removeprefix("response."))
-            if kind == "response.failed":
-                self.memory.forget(turn.frame.previous_response_id)
-            elif turn.response_id:
-                output = response.get("output")
-                self.memory.record(
-                    turn.sent_previous_id,
-                    turn.sent_input,
-                    turn.response_id,
-                    output if isinstance(output, list) else [],
-                )
-            await self._end_turn(turn, status, response=response)
+            verdict = turnpolicy.on_terminal(kind, response)
+            output = response.get("output")
+            self._settle_memory(turn, verdict.chain, output if isinstance(output, list) else [])
+            await self._end_turn(turn, verdict.status, response=response)
             return True
         return await self._on_upstream_error(conn, turn, event, received)
 
@@ -691,45 +675,54 @@ class Session:
         found = event.get("error")
         error: dict[str, Any] = found if isinstance(found, dict) else {}
         code = error.get("code")
-        if code == LIMIT_REACHED:
+        previous = turn.frame.previous_response_id if turn is not None else None
+        verdict = turnpolicy.on_error(
+            code,
+            None if turn is None else turn.facts(),
+            over_websocket=conn is not None,
+            remembered=self.memory.chain_for(previous) is not None,
+        )
+        if verdict.action is Action.SWALLOW:
             if conn is not None:
-                conn.stale = True  # never forwarded; the next turn opens a new upstream socket
+                conn.stale = True  # the next turn opens a new upstream socket
             return True
-        if turn and conn and code == NOT_FOUND and await self._retry(conn, turn):
+        if verdict.action is Action.RETRY:
+            assert turn is not None and conn is not None
+            await self._retry(conn, turn)
             return True
-        if "status" not in event:
-            # Codex hangs on an error without status (CONTRACT.md §3).
-            event["status"] = 400 if error.get("type") == "invalid_request_error" else 500
-            text = orjson.dumps(event).decode()
-        else:
-            text = None
+        patched = "status" not in event
+        if patched:  # Codex hangs on an error without status (CONTRACT.md §3)
+            event["status"] = turnpolicy.error_status(error)
         if turn is None:
-            return None if text is None else await self._send(text)
-        if code != NOT_FOUND:
-            self.memory.forget(turn.frame.previous_response_id)
-        elif self.memory.was_dropped(turn.frame.previous_response_id):
+            return await self._send(orjson.dumps(event).decode()) if patched else None
+        self._settle_memory(turn, verdict.chain)
+        if code == NOT_FOUND and self.memory.was_dropped(previous):
             turn.memory_bound_exceeded = True
-        if text is None:
-            text = orjson.dumps(event).decode()
-        ok = await self._deliver(turn, text, received)
+        ok = await self._deliver(turn, orjson.dumps(event).decode(), received)
         metrics.count_error(str(code or "upstream_error"))
-        await self._end_turn(turn, "error")
+        await self._end_turn(turn, verdict.status)
         return ok
 
-    async def _retry(self, conn: UpstreamConn, turn: Turn) -> bool:
-        """One retry of a `previous_response_not_found`, with the remembered chain."""
-        previous = turn.frame.previous_response_id
+    def _settle_memory(self, turn: Turn, chain: Chain, output: list[Any] | None = None) -> None:
+        if chain is Chain.FORGET:
+            self.memory.forget(turn.frame.previous_response_id)
+        elif chain is Chain.EXTEND and turn.response_id:
+            self.memory.record(
+                turn.sent_previous_id, turn.sent_input, turn.response_id, output or []
+            )
+
+    async def _retry(self, conn: UpstreamConn, turn: Turn) -> None:
+        """The one retry of a `previous_response_not_found`, with the remembered chain."""
         own = turn.frame.input
-        if turn.retried or previous is None or not isinstance(own, list) or turn.tally.events:
-            return False
-        chain = self.memory.chain_for(previous)
-        if chain is None:
-            return False
+        items = unchained_input(
+            self.memory.chain_for(turn.frame.previous_response_id),
+            own if isinstance(own, list) else None,
+        )
+        assert items is not None  # turnpolicy.may_retry
         turn.retried = True
         metrics.UPSTREAM_RETRIES_TOTAL.labels(reason=NOT_FOUND).inc()
-        body = turn.frame.upstream_body(previous_response_id=None, input=[*chain, *own])
+        body = turn.frame.upstream_body(previous_response_id=None, input=items)
         await self._send_upstream(turn, conn, body)
-        return True
 
     async def _upstream_lost(
         self, conn: UpstreamConn, code: int, reason: str, *, abort: bool = False
@@ -743,22 +736,15 @@ class Session:
             self.upstream = self.raw = None
         turn = self.turn
         if turn is not None and turn.conn is conn and self.state is State.IN_FLIGHT:
-            if self._wants_http_fallback(turn, code):
+            verdict = turnpolicy.on_close(
+                code, reason, turn.facts(), fallback_enabled=self.node.settings.http_fallback
+            )
+            if verdict.action is Action.HTTP_FALLBACK:
                 await self._http_fallback(turn, code, reason)
             else:
-                await self._end_turn(turn, "error", error=_closed_error(code, reason))
+                await self._end_turn(turn, verdict.status, error=verdict.error)
         if abort:  # after the client has its answer: a silent upstream may not answer a close
             await conn.close()
-
-    def _wants_http_fallback(self, turn: Turn, code: int) -> bool:
-        """OpenAI's silent close on a non-integer temperature/top_p (UPSTREAM.md, fault 1)."""
-        return (
-            code == 1000
-            and turn.tally.events == 0
-            and not turn.http_fallback
-            and turn.frame.has_decimal_sampling
-            and self.node.settings.http_fallback
-        )
 
     async def _http_fallback(self, turn: Turn, code: int, reason: str) -> None:
         """Serve the same turn over `POST /responses` (SSE), events sent as WebSocket frames."""
@@ -773,18 +759,13 @@ class Session:
         stamp = None if stream_id is None else orjson.dumps(stream_id).decode()
         previous = turn.frame.previous_response_id
         if previous is not None:
-            chain = self.memory.chain_for(previous)
-            own = as_items(turn.frame.input)
-            if chain is None or own is None:
-                err = GatewayError(
-                    Code.PREVIOUS_RESPONSE_NOT_FOUND,
-                    f"Previous response with id '{previous}' not found.",
-                    param="previous_response_id",
-                )
-                await self._end_turn(turn, "error", error=err)
+            items = unchained_input(self.memory.chain_for(previous), as_items(turn.frame.input))
+            if items is None:
+                verdict = turnpolicy.on_unremembered_fallback(previous)
+                await self._end_turn(turn, verdict.status, error=verdict.error)
                 return
             body["previous_response_id"] = None
-            body["input"] = [*chain, *own]
+            body["input"] = items
         turn.sent_previous_id = None
         turn.sent_input = as_items(body.get("input")) or []
         team = self.node.view.view.teams.get(self.principal.team_id)
@@ -808,7 +789,7 @@ class Session:
                 event["stream_id"] = stream_id
             await self._on_upstream_text(None, orjson.dumps(event).decode())
         if self.turn is turn:  # the stream ended without a terminal event
-            await self._end_turn(turn, "error", error=_closed_error(code, reason))
+            await self._end_turn(turn, "error", error=turnpolicy.closed_error(code, reason))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -960,15 +941,6 @@ class Session:
         )
         if conn is not None:
             await conn.close()
-
-
-def _closed_error(code: int, reason: str) -> GatewayError:
-    shown = reason or "no reason given"
-    return GatewayError(
-        Code.UPSTREAM_WEBSOCKET_CLOSED,
-        f"The upstream WebSocket closed with code {code} ({shown}) mid-response.",
-        details={"upstream_close_code": code, "upstream_close_reason": reason},
-    )
 
 
 def _response_id(event: dict[str, Any]) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from app import metrics
 from app.protocol import ClientFrame
+from app.turnpolicy import Facts
 from app.upstream import UpstreamConn
 
 
@@ -43,3 +44,15 @@ class Turn:
         self.sent_previous_id: str | None = None
         self.sent_input: list[Any] = []
         self.task: asyncio.Task[None] | None = None
+
+    def facts(self) -> Facts:
+        """What the upstream rules (app/turnpolicy.py) need to know of this turn."""
+        frame = self.frame
+        return Facts(
+            chained=frame.previous_response_id is not None,
+            input_is_list=isinstance(frame.input, list),
+            events=self.tally.events,
+            retried=self.retried,
+            http_fallback=self.http_fallback,
+            decimal_sampling=frame.has_decimal_sampling,
+        )
