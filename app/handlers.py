@@ -10,6 +10,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
+from app.clientlink import CLOSE_HANDSHAKE_SECONDS
 from app.errors import Code, GatewayError
 from app.guard import AUTH_GUARD
 from app.http import error_response
@@ -17,7 +18,7 @@ from app.keystore import Principal, secret_status
 from app.models import ApiKey, Team
 from app.node import NODE, Node
 from app.protocol import normalize_query_model
-from app.session import CLOSE_HANDSHAKE_SECONDS, Session, new_socket_id
+from app.session import Session, new_socket_id
 
 log = logging.getLogger("gateway.handlers")
 

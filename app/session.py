@@ -10,19 +10,19 @@ each upstream socket has one reader task that forwards events in order (the hot 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 from aiohttp import WSMsgType, web
 
 from app import ids, metrics, turnpolicy
+from app.clientlink import ClientLink
 from app.errors import Code, GatewayError
 from app.keystore import Principal, secret_status
 from app.ledger.rows import SocketClosed, SocketOpened, TurnRecord
@@ -57,12 +57,6 @@ LIMIT_CLOSE_CODE = 1000
 IDLE_REASON = "idle timeout"
 LIFETIME_REASON = "socket lifetime reached"
 DRAIN_REASON = "server shutting down"
-# How long a close the gateway starts waits for the client's close frame before it drops the
-# connection (aiohttp's close timeout, set in app/handlers.py; its default is 10 s). A client
-# answers within a round trip; app/server.py's drain waits 2 s for close frames too.
-CLOSE_HANDSHAKE_SECONDS = 2.0
-# RFC 6455's code for a connection that ended without a close frame: recorded, never sent.
-ABNORMAL_CLOSURE = 1006
 
 
 class State(enum.Enum):
@@ -123,7 +117,6 @@ class Session:
         model: str | None,
     ) -> None:
         self.node = node
-        self.ws = ws
         self.principal = principal
         self.id = socket_id
         self.model = model  # locked model, `openai/<model>`
@@ -134,31 +127,33 @@ class Session:
         self.upstream: UpstreamConn | None = None
         self._upstream_reader: asyncio.Task[None] | None = None
         self.last_upstream_close: tuple[int | None, str | None] = (None, None)
-        self.closed_by: Literal["client", "gateway"] = "client"
-        self._sent_close: int | None = None  # aiohttp keeps the peer's reply code instead
-        self._sent_reason = ""
-        self._client_close: tuple[int, str] | None = None  # the client's close frame, if any
-        self.close_code: int | None = None  # as recorded, once closed
+        self.closed_by: Literal["client", "gateway"] = "client"  # as recorded, once closed
+        self.close_code: int | None = None
         self.close_reason = ""
+        self.client = ClientLink(
+            ws,
+            max_pending=node.settings.max_pending_bytes,
+            socket_id=socket_id,
+            key_prefix=principal.key_prefix,
+            close_session=self.close,
+        )
         self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
         self._last_upstream_frame = time.perf_counter()
         self._close_after_turn: tuple[int, str] | None = None
-        # The task reading client frames, and whether it waits in `ws.receive()` (see `close`).
-        self._reader: asyncio.Task[Any] | None = None
-        self._parked = False
-        self._handed_over: asyncio.Event | None = None  # set once the reader has closed
         # The last client frame or the end of the last turn (the idle timeout), and one timer
         # for both socket limits, re-armed when it fires (never per frame).
         self._last_activity = self._opened_monotonic = time.monotonic()
         self._limits: asyncio.TimerHandle | None = None
         self._limits_close: asyncio.Task[None] | None = None
-        self._transport: asyncio.WriteTransport | None = None
-        self._max_pending = node.settings.max_pending_bytes
         self._watchdog: asyncio.TimerHandle | None = None
         self._silence: asyncio.Task[None] | None = None
         # The current upstream socket's raw forwarder (app/rawpath.py). Kept here, not on the
         # UpstreamConn: the forwarder's sink holds the conn, so conn.raw would be a cycle.
         self.raw: RawForwarder | None = None
+
+    @property
+    def ws(self) -> web.WebSocketResponse:
+        return self.client.ws
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -195,28 +190,19 @@ class Session:
                 opened_at=self.opened_at,
             )
         )
-        self._reader = asyncio.current_task()
         self._check_limits()  # arms the socket limits' timer
         try:
-            await self._read_client()
-        except asyncio.CancelledError:
-            if not self._was_handed_close():
-                raise
-            await self._close_ws()
+            async with self.client.reading():
+                await self._read_client()
         except (ConnectionError, aiohttp.ClientError) as exc:
             log.debug("client socket %s failed: %s", self.id, exc)
         finally:
-            self._parked = False
-            if self._handed_over is not None:
-                self._handed_over.set()
             await self._finish()
 
     async def _read_client(self) -> None:
-        ws = self.ws
+        client = self.client
         while True:
-            self._parked = True
-            msg = await ws.receive()
-            self._parked = False
+            msg = await client.receive()
             self._last_activity = time.monotonic()
             if msg.type is WSMsgType.TEXT:
                 # The socket hands text frames over undecoded (`decode_text=False`): the size is
@@ -244,15 +230,13 @@ class Session:
                     )
                 )
             elif msg.type is WSMsgType.CLOSE:  # the client's close frame; aiohttp answered it
-                self._client_close = (int(msg.data), str(msg.extra or ""))
+                client.peer_closed(int(msg.data), str(msg.extra or ""))
                 return
             elif msg.type is WSMsgType.ERROR:
                 # aiohttp closed it for a bad frame (1009 too large, 1007 bad UTF-8, 1002); any
                 # other error is the connection failing under it: the client's side.
                 if isinstance(msg.data, aiohttp.WebSocketError):
-                    self.closed_by = "gateway"
-                    self._sent_close = int(msg.data.code)
-                    self._sent_reason = str(msg.data)[:120]
+                    client.refused(msg.data)
                 return
             else:  # CLOSING (this gateway's own close, handed over), CLOSED (connection gone)
                 return
@@ -316,87 +300,21 @@ class Session:
         )
 
     async def _send_error(self, err: GatewayError, stream_id: Any = None) -> None:
-        await self._send(err.ws_frame(stream_id))
+        await self.client.send(err.ws_frame(stream_id))
         if err.spec.close_code is not None:
             await self.close(err.spec.close_code, err.code)
 
     def watch_outbound(self, transport: asyncio.BaseTransport | None) -> None:
-        """Let the client's buffer grow to the limit, so a full one is seen, not waited on.
-
-        By what it can do, not by class: uvloop's transports are no `asyncio.WriteTransport`
-        (an isinstance check here left a slow client unguarded on uvloop)."""
-        if hasattr(transport, "set_write_buffer_limits") and hasattr(
-            transport, "get_write_buffer_size"
-        ):
-            writable = cast(asyncio.WriteTransport, transport)
-            writable.set_write_buffer_limits(high=self.node.settings.max_pending_bytes)
-            self._transport = writable
-
-    async def _send(self, text: str) -> bool:
-        if self.ws.closed:
-            return False
-        transport = self._transport
-        if transport is not None and (
-            transport.get_write_buffer_size() + len(text) > self._max_pending
-        ):
-            await self._drop_slow_client(transport)
-            return False
-        try:
-            await self.ws.send_str(text)
-        except (ConnectionError, RuntimeError, aiohttp.ClientError):
-            return False
-        return True
-
-    async def _drop_slow_client(self, transport: asyncio.WriteTransport) -> None:
-        log.warning(
-            "client not reading: closing",
-            extra={
-                "socket_id": self.id,
-                "key_prefix": self.principal.key_prefix,
-                "pending_bytes": transport.get_write_buffer_size(),
-            },
-        )
-        metrics.count_error("client_not_reading")
-        try:
-            await asyncio.wait_for(self.close(1008, "client not reading"), timeout=1.0)
-        except TimeoutError:
-            transport.abort()  # its close frame sits behind what it would not read
+        """The client's transport, for the slow-client guard (app/clientlink.py)."""
+        self.client.watch(transport)
 
     async def close(self, code: int, reason: str = "") -> None:
-        """The gateway closes the client socket, with a whole close handshake.
-
-        aiohttp's `close()`, called from another task while the reader waits in `receive()`,
-        sends the close frame and closes TCP at once, without the client's answer: a client still
-        sending then gets a reset, and aiohttp's own client reports 1006, not the code. So a close
-        started elsewhere (drain, revocation, a socket limit, a slow client, the end of a turn) is
-        handed to the reader: cancelled in `receive()`, it calls `close()` itself, which discards
-        what the client still sends until its close frame comes (CLOSE_HANDSHAKE_SECONDS at
-        most), and this waits for that. A reader busy with a frame needs no hand-over: aiohttp's
-        `close()` then waits for the answer by itself.
-        """
+        """The gateway closes the client socket, from any task: CLOSING, then the close handshake
+        (`ClientLink.close`, which hands it to the reader when that waits for a frame)."""
         if self.state in (State.CLOSING, State.CLOSED):
             return
-        self.closed_by = "gateway"
-        self._sent_close = code
-        self._sent_reason = reason
         self._transition(State.CLOSING)
-        reader = self._reader
-        if self._parked and reader is not None and reader is not asyncio.current_task():
-            done = self._handed_over = asyncio.Event()
-            reader.cancel()
-            await done.wait()
-            return
-        await self._close_ws()
-
-    def _was_handed_close(self) -> bool:
-        """Whether the reader's cancellation was `close`'s hand-over alone (not aiohttp's)."""
-        reader = self._reader
-        return self._handed_over is not None and reader is not None and reader.uncancel() == 0
-
-    async def _close_ws(self) -> None:
-        assert self._sent_close is not None
-        with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-            await self.ws.close(code=self._sent_close, message=self._sent_reason.encode()[:120])
+        await self.client.close(code, reason)
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -559,13 +477,14 @@ class Session:
         kind = data[payload + 9 : data.find(b'"', payload + 9, end)]
         if kind in _AWAITED_BYTES:
             return False
-        transport = self._transport
-        if (
+        client = self.client
+        transport = client.transport
+        if (  # ClientLink's room for it: its guard's test, inlined (a call per frame costs)
             transport is None
             or transport.is_closing()
             or self.state is not State.IN_FLIGHT
-            or self.ws.closed  # a close frame went out (aiohttp's answer to the client's)
-            or transport.get_write_buffer_size() + (end - start) > self._max_pending
+            or client.ws.closed  # a close frame went out (aiohttp's answer to the client's)
+            or transport.get_write_buffer_size() + (end - start) > client.max_pending
         ):
             return False
         if kind == b"response.created":
@@ -578,7 +497,7 @@ class Session:
     def raw_write(self, frames: bytes, count: int, received: float) -> None:
         """The frames `raw_frame` took from one read, to the client in one write."""
         self._last_upstream_frame = received
-        transport = self._transport
+        transport = self.client.transport
         turn = self.turn
         assert transport is not None and turn is not None  # raw_frame checked, nothing since
         transport.write(frames)
@@ -602,8 +521,7 @@ class Session:
                     return
             elif msg.type is WSMsgType.BINARY:
                 self._last_upstream_frame = time.perf_counter()
-                with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-                    await self.ws.send_bytes(msg.data)
+                await self.client.send(msg.data)
             elif msg.type is WSMsgType.CLOSE:
                 await self._upstream_lost(conn, int(msg.data), str(msg.extra or ""))
                 return
@@ -628,7 +546,7 @@ class Session:
 
     async def _deliver(self, turn: Turn | None, text: str, received: float) -> bool:
         """An event to the client, then counted (as `raw_write` does for the raw path)."""
-        if not await self._send(text):
+        if not await self.client.send(text):
             return False
         if turn is not None:
             turn.tally.forwarded(received)
@@ -694,7 +612,7 @@ class Session:
         if patched:  # Codex hangs on an error without status (CONTRACT.md §3)
             event["status"] = turnpolicy.error_status(error)
         if turn is None:
-            return await self._send(orjson.dumps(event).decode()) if patched else None
+            return await self.client.send(orjson.dumps(event).decode()) if patched else None
         self._settle_memory(turn, verdict.chain)
         if code == NOT_FOUND and self.memory.was_dropped(previous):
             turn.memory_bound_exceeded = True
@@ -908,8 +826,9 @@ class Session:
         # Nothing the session holds may point back at it once it ends, so that it, its sockets
         # and all they hold are freed by reference counting, not left to the cyclic collector
         # (whose full passes over that garbage held the loop for 90-140 ms under load): the
-        # reader task's CancelledError holds its frame (the session), and the forwarder holds the
-        # session's methods.
+        # reader task's CancelledError holds its frame (the session), the forwarder holds the
+        # session's methods, and the client link its `close`.
+        self.client.detach()
         reader, self._upstream_reader = self._upstream_reader, None
         if reader is not None:
             reader.cancel()
@@ -918,12 +837,7 @@ class Session:
             self.last_upstream_close = (1000, "closed by the gateway with the client socket")
         self.memory.clear()
         self._transition(State.CLOSED)
-        if self.closed_by == "gateway":
-            code, reason = self._sent_close, self._sent_reason
-        elif self._client_close is not None:
-            code, reason = self._client_close
-        else:  # the connection went without a close frame
-            code, reason = ABNORMAL_CLOSURE, "connection lost without a close frame"
+        self.closed_by, code, reason = self.client.outcome()
         self.close_code, self.close_reason = code, reason
         metrics.count_close(self.closed_by, code)
         self.node.ledger.record(
