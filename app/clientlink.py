@@ -1,12 +1,12 @@
 """The customer's socket, from the gateway's side: the one owner of every write and close to it.
 
 Every frame to the client goes out here: events and error frames (text) and an upstream binary
-frame through `send`, and the raw path's bytes: `Session.raw_write` writes whole frames to
-`transport`, which this class owns, when `Session.raw_frame` found room for them (`send`'s test,
-inlined there: a call per frame costs on that path). One guard for a client that stopped
-reading, in `send`: a frame that would take its outbound buffer past `GATEWAY_MAX_PENDING_BYTES`
-closes the socket with 1008 instead; the raw path never closes, it leaves such a frame to
-aiohttp's path and so to `send`.
+frame through `send`, and the raw path's bytes: `UpstreamLink.raw_write` (app/upstreamlink.py)
+writes whole frames to `transport`, which this class owns, when `UpstreamLink.raw_frame` found
+room for them (`send`'s test, inlined there: a call per frame costs on that path). One guard for
+a client that stopped reading, in `send`: a frame that would take its outbound buffer past
+`GATEWAY_MAX_PENDING_BYTES` closes the socket with 1008 instead; the raw path never closes, it
+leaves such a frame to aiohttp's path and so to `send`.
 
 The close hand-over. aiohttp's `close()`, called from another task while the reader waits in
 `receive()`, sends the close frame and closes TCP at once, without the client's answer: a client

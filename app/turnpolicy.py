@@ -4,7 +4,7 @@ What happened upstream goes in (an `error` event's code, a terminal event, a clo
 handshake), with what is known of the turn it belongs to (`Facts`) and whether the conversation
 memory holds the chain the turn continued; a `Verdict` comes out: forward the event, swallow it,
 retry with the memory, fall back to HTTP, or fail the turn with the gateway's own error, and what
-becomes of the remembered chain. No sockets, no awaits, no metrics: app/session.py carries
+becomes of the remembered chain. No sockets, no awaits, no metrics: app/upstreamlink.py carries
 the verdicts out, and tests/test_turnpolicy.py walks every rule without a socket, the way
 python-websockets keeps its protocol apart from its I/O.
 

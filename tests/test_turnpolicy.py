@@ -117,7 +117,7 @@ def test_a_forgotten_chain_is_not_retried() -> None:
         Action.RETRY
     )
     assert error("server_error").chain is Chain.FORGET
-    memory.forget("resp_1")  # what the session does with that verdict
+    memory.forget("resp_1")  # what app/upstreamlink.py does with that verdict
     assert error(NOT_FOUND, remembered=memory.chain_for("resp_1") is not None) == Verdict(
         Action.FORWARD
     )
