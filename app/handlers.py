@@ -9,11 +9,12 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
+from app.clientlink import CLOSE_HANDSHAKE_SECONDS
 from app.errors import Code, GatewayError
 from app.http import error_response
 from app.node import NODE, Node
 from app.protocol import normalize_query_model
-from app.session import CLOSE_HANDSHAKE_SECONDS, Session, new_socket_id
+from app.session import Session, new_socket_id
 
 log = logging.getLogger("gateway.handlers")
 

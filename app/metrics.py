@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from bisect import bisect_left
 from functools import lru_cache
 from typing import Literal
@@ -210,6 +211,32 @@ class Tally:
                 self.counts[i] = 0
         histogram._sum.inc(self.total)
         self.total = 0.0
+
+
+class EventTally(Tally):
+    """One turn's events as the metrics and the ledger see them: how many reached the client,
+    when the first came in (the time-to-first-event histogram, once), and each one's overhead
+    (tallied, flushed at the turn's end). `forwarded` is the one place that counts an event,
+    whichever path it took (the raw path per write, aiohttp's path per event)."""
+
+    __slots__ = ("events", "first_event_at", "started")
+
+    def __init__(self, started: float) -> None:
+        super().__init__(OVERHEAD)
+        self.started = started  # time.perf_counter() when the turn was accepted
+        self.first_event_at: float | None = None
+        self.events = 0
+
+    def forwarded(self, received: float, count: int = 1) -> None:
+        """`count` events that came in at `received` (time.perf_counter()) were written."""
+        if self.first_event_at is None:
+            self.first_event_at = received
+            TIME_TO_FIRST_EVENT.observe(received - self.started)
+        self.events += count
+        spent = time.perf_counter() - received
+        # `Tally.observe`, inlined: on the raw path this runs once per write.
+        self.counts[bisect_left(self._bounds, spent)] += count
+        self.total += spent * count
 
 
 # Labelled children, looked up once per label set (`labels()` validates and locks each call).

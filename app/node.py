@@ -19,7 +19,7 @@ from app.config import Settings
 from app.keystore import KeyStore
 from app.live import LiveSocket
 from app.memory import MemoryBudget
-from app.models import DEFAULT_CREDENTIAL, ApiKey
+from app.models import DEFAULT_CREDENTIAL
 from app.pool import UpstreamPool
 from app.view import NodeView
 
@@ -68,11 +68,6 @@ class Node:
         for sid, known in list(self._expelling.items()):
             if known is task:
                 del self._expelling[sid]
-
-    @property
-    def key_cache(self) -> dict[str, ApiKey]:
-        """Live sockets' key records, as the expulsion sweep last read them."""
-        return self.auth.key_cache
 
     def add_session(self, session: LiveSocket) -> None:
         self.sessions.add(session)

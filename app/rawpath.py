@@ -5,22 +5,23 @@ client: an upstream text frame is already a valid frame for the client, byte for
 path parses it, decodes its payload to `str`, wakes the session's reader task, and the session
 encodes it back and builds a new frame around it. `RawForwarder` sits in front of aiohttp's
 `WebSocketReader` (as the upstream connection's payload parser) and, for each complete frame,
-asks the session (`Session.raw_frame`) whether it may go to the client's transport as it came.
+asks the session (`UpstreamLink.raw_frame`, app/upstreamlink.py) whether it may go to the client's
+transport as it came.
 
 The session says yes for an unfragmented text frame of at most `RAW_MAX` bytes of the turn under
 way that needs nothing awaited (every event but the terminal ones and `error`: `response.created`
-and the first event's bookkeeping are done on the spot), while the client's buffer has room, and
-while no earlier frame is still on aiohttp's path (`pending`): frames reach the client in the
-order OpenAI sent them. Frames that go raw one after another in the bytes of one read are one
+is read on the spot, and a write's events are counted with it), while the client's buffer has
+room, and while no earlier frame is still on aiohttp's path (`pending`): frames reach the client
+in the order OpenAI sent them. Frames that go raw one after another in the bytes of one read are one
 run of those bytes, and go to the client in one write (`Write`): OpenAI sent them together, and
 a write per frame was a send(2) per event, most of the gateway's CPU at saturation.
 
 Everything else (control frames, fragments, the terminal events and errors, large frames,
 anything when the session is not streaming) is handed to aiohttp's reader unchanged, in order,
-contiguous runs in one call, and takes the usual path: `_read_upstream`.
+contiguous runs in one call, and takes the usual path: `UpstreamLink._read`.
 
 `pending` counts the messages handed to aiohttp that the session's reader has not finished with;
-the reader lowers it after each message it has handled (`Session._read_upstream`).
+the reader lowers it after each message it has handled (`UpstreamLink._read`).
 """
 
 from __future__ import annotations

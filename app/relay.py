@@ -23,7 +23,7 @@ from app.ledger.rows import TurnRecord
 from app.node import NODE, Node
 from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object
 from app.routing import check_route
-from app.session import TERMINAL
+from app.turnpolicy import TERMINAL
 from app.upstream import HttpReply, UpstreamUnreachable, post_http
 from app.usage import charge
 

@@ -3,54 +3,38 @@
     IDLE --accepted response.create--> IN_FLIGHT --terminal event / error--> IDLE
     IDLE | IN_FLIGHT --close (either side), revocation, drain--> CLOSING --> CLOSED
 
-`_transition` is the one place that changes state. The client reader runs in the handler's task;
-each upstream socket has one reader task that forwards events in order (the hot path).
+`_transition` is the one place that changes state. The client reader runs in the handler's task
+and checks each frame in the contract's order (`on_text`); an accepted turn goes to the session's
+`UpstreamLink` (app/upstreamlink.py), which forwards its events (the hot path), judges the few
+that end or redirect it by app/turnpolicy.py, and hands the turn back to `end_turn`. Every write
+and close to the client goes through the `ClientLink` (app/clientlink.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import functools
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import aiohttp
-import orjson
 from aiohttp import WSMsgType, web
 
 from app import ids, metrics
-from app.auth.principal import Principal, secret_status
+from app.auth.principal import Principal
+from app.clientlink import ClientLink
 from app.errors import Code, GatewayError
 from app.ledger.rows import SocketClosed, SocketOpened, TurnRecord
-from app.memory import ConversationMemory, as_items
 from app.node import Node
 from app.protocol import ClientFrame, Ignored, parse_client_frame, stream_id_of
-from app.rawpath import RawForwarder
 from app.routing import check_route
-from app.upstream import (
-    UpstreamConn,
-    UpstreamHandshakeError,
-    UpstreamHTTPError,
-    open_upstream,
-    stream_http,
-)
+from app.turn import Turn
+from app.upstreamlink import UpstreamLink
 from app.usage import charge
 
 log = logging.getLogger("gateway.session")
-
-TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-# The only upstream events the gateway looks into; every other event is forwarded unparsed.
-INSPECTED = TERMINAL | {"response.created", "error"}
-# The events whose handling awaits (the turn's end, retries): never on the raw path.
-_AWAITED_BYTES = frozenset(kind.encode() for kind in (*TERMINAL, "error"))
-_TYPE_PREFIX = '{"type":"'
-_TYPE_BYTES = _TYPE_PREFIX.encode()
-LIMIT_REACHED = "websocket_connection_limit_reached"
-NOT_FOUND = "previous_response_not_found"
 
 # The socket limits close at a turn boundary with 1000, the code OpenAI closes its own sockets
 # with at its 60-minute limit (UPSTREAM.md): clients written for OpenAI's WebSocket mode already
@@ -60,12 +44,6 @@ LIMIT_CLOSE_CODE = 1000
 IDLE_REASON = "idle timeout"
 LIFETIME_REASON = "socket lifetime reached"
 DRAIN_REASON = "server shutting down"
-# How long a close the gateway starts waits for the client's close frame before it drops the
-# connection (aiohttp's close timeout, set in app/handlers.py; its default is 10 s). A client
-# answers within a round trip; app/server.py's drain waits 2 s for close frames too.
-CLOSE_HANDSHAKE_SECONDS = 2.0
-# RFC 6455's code for a connection that ended without a close frame: recorded, never sent.
-ABNORMAL_CLOSURE = 1006
 
 
 class State(enum.Enum):
@@ -91,69 +69,6 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def event_type(text: str) -> str | None:
-    """The event's type without parsing it when the frame starts with its `type` (the norm)."""
-    if text.startswith(_TYPE_PREFIX):
-        end = text.find('"', 9)
-        if end > 0:
-            return text[9:end]
-    try:
-        value = orjson.loads(text)
-    except (orjson.JSONDecodeError, RecursionError, ValueError):
-        return None
-    kind = value.get("type") if isinstance(value, dict) else None
-    return kind if isinstance(kind, str) else None
-
-
-def with_stream_id(text: str, stream_id: str) -> str:
-    """One event (a JSON object) with `"stream_id":<stream_id>` (already JSON) added at its top
-    level: spliced in before its closing brace, never parsed or serialized again."""
-    body = text.strip()
-    if not (body.startswith("{") and body.endswith("}")):
-        return text  # not an object: passed on as it came, for the checks to judge
-    if '"' in body:  # it has members: the lane follows them
-        return f'{body[:-1]},"stream_id":{stream_id}}}'
-    return f'{{"stream_id":{stream_id}}}'
-
-
-class Turn:
-    """One accepted `response.create` until its terminal event."""
-
-    __slots__ = (
-        "conn",
-        "duration_ms",
-        "events",
-        "first_event_at",
-        "frame",
-        "http_fallback",
-        "memory_bound_exceeded",
-        "overhead",
-        "received_at",
-        "response_id",
-        "retried",
-        "sent_input",
-        "sent_previous_id",
-        "started",
-        "task",
-    )
-
-    def __init__(self, frame: ClientFrame) -> None:
-        self.frame = frame
-        self.received_at = now_utc()
-        self.started = time.perf_counter()
-        self.first_event_at: float | None = None
-        self.events = 0
-        self.retried = False
-        self.http_fallback = False
-        self.memory_bound_exceeded = False
-        self.response_id: str | None = None
-        self.conn: UpstreamConn | None = None
-        self.sent_previous_id: str | None = None
-        self.sent_input: list[Any] = []
-        self.task: asyncio.Task[None] | None = None
-        self.overhead = metrics.Tally(metrics.OVERHEAD)
-
-
 class Session:
     def __init__(
         self,
@@ -164,42 +79,37 @@ class Session:
         model: str | None,
     ) -> None:
         self.node = node
-        self.ws = ws
         self.principal = principal
         self.id = socket_id
         self.model = model  # locked model, `openai/<model>`
         self.state = State.IDLE
+        self.in_flight = False  # state is IN_FLIGHT, for the upstream link's hot path
         self.turn: Turn | None = None
         self.turns = 0
         self.opened_at = now_utc()
-        self.upstream: UpstreamConn | None = None
-        self._upstream_reader: asyncio.Task[None] | None = None
-        self.last_upstream_close: tuple[int | None, str | None] = (None, None)
-        self.closed_by: Literal["client", "gateway"] = "client"
-        self._sent_close: int | None = None  # aiohttp keeps the peer's reply code instead
-        self._sent_reason = ""
-        self._client_close: tuple[int, str] | None = None  # the client's close frame, if any
-        self.close_code: int | None = None  # as recorded, once closed
+        self.closed_by: Literal["client", "gateway"] = "client"  # as recorded, once closed
+        self.close_code: int | None = None
         self.close_reason = ""
-        self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
-        self._last_upstream_frame = time.perf_counter()
+        self.client = ClientLink(
+            ws,
+            max_pending=node.settings.max_pending_bytes,
+            socket_id=socket_id,
+            key_prefix=principal.key_prefix,
+            close_session=self.close,
+        )
+        self.upstream: UpstreamLink | None = UpstreamLink(
+            self, node, self.client, principal.team_id
+        )
         self._close_after_turn: tuple[int, str] | None = None
-        # The task reading client frames, and whether it waits in `ws.receive()` (see `close`).
-        self._reader: asyncio.Task[Any] | None = None
-        self._parked = False
-        self._handed_over: asyncio.Event | None = None  # set once the reader has closed
         # The last client frame or the end of the last turn (the idle timeout), and one timer
         # for both socket limits, re-armed when it fires (never per frame).
         self._last_activity = self._opened_monotonic = time.monotonic()
         self._limits: asyncio.TimerHandle | None = None
         self._limits_close: asyncio.Task[None] | None = None
-        self._transport: asyncio.WriteTransport | None = None
-        self._max_pending = node.settings.max_pending_bytes
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._silence: asyncio.Task[None] | None = None
-        # The current upstream socket's raw forwarder (app/rawpath.py). Kept here, not on the
-        # UpstreamConn: the forwarder's sink holds the conn, so conn.raw would be a cycle.
-        self.raw: RawForwarder | None = None
+
+    @property
+    def ws(self) -> web.WebSocketResponse:
+        return self.client.ws
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -207,6 +117,7 @@ class Session:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"{self.state.value} -> {new.value}")
         self.state = new
+        self.in_flight = new is State.IN_FLIGHT
         if new is State.IDLE:
             self._last_activity = time.monotonic()  # an idle period starts when a turn ends
 
@@ -236,28 +147,19 @@ class Session:
                 opened_at=self.opened_at,
             )
         )
-        self._reader = asyncio.current_task()
         self._check_limits()  # arms the socket limits' timer
         try:
-            await self._read_client()
-        except asyncio.CancelledError:
-            if not self._was_handed_close():
-                raise
-            await self._close_ws()
+            async with self.client.reading():
+                await self._read_client()
         except (ConnectionError, aiohttp.ClientError) as exc:
             log.debug("client socket %s failed: %s", self.id, exc)
         finally:
-            self._parked = False
-            if self._handed_over is not None:
-                self._handed_over.set()
             await self._finish()
 
     async def _read_client(self) -> None:
-        ws = self.ws
+        client = self.client
         while True:
-            self._parked = True
-            msg = await ws.receive()
-            self._parked = False
+            msg = await client.receive()
             self._last_activity = time.monotonic()
             if msg.type is WSMsgType.TEXT:
                 # The socket hands text frames over undecoded (`decode_text=False`): the size is
@@ -285,15 +187,13 @@ class Session:
                     )
                 )
             elif msg.type is WSMsgType.CLOSE:  # the client's close frame; aiohttp answered it
-                self._client_close = (int(msg.data), str(msg.extra or ""))
+                client.peer_closed(int(msg.data), str(msg.extra or ""))
                 return
             elif msg.type is WSMsgType.ERROR:
                 # aiohttp closed it for a bad frame (1009 too large, 1007 bad UTF-8, 1002); any
                 # other error is the connection failing under it: the client's side.
                 if isinstance(msg.data, aiohttp.WebSocketError):
-                    self.closed_by = "gateway"
-                    self._sent_close = int(msg.data.code)
-                    self._sent_reason = str(msg.data)[:120]
+                    client.refused(msg.data)
                 return
             else:  # CLOSING (this gateway's own close, handed over), CLOSED (connection gone)
                 return
@@ -326,14 +226,6 @@ class Session:
             return
         self._accept(frame)
 
-    def _accept(self, frame: ClientFrame) -> None:
-        self.model = frame.model
-        self.turns += 1
-        turn = Turn(frame)
-        self.turn = turn
-        self._transition(State.IN_FLIGHT)
-        turn.task = asyncio.create_task(self._start_turn(turn), name=f"turn-{self.id}")
-
     async def refuse(
         self, err: GatewayError, stream_id: Any = None, model: str | None = None
     ) -> None:
@@ -357,158 +249,35 @@ class Session:
         )
 
     async def _send_error(self, err: GatewayError, stream_id: Any = None) -> None:
-        await self._send(err.ws_frame(stream_id))
+        await self.client.send(err.ws_frame(stream_id))
         if err.spec.close_code is not None:
             await self.close(err.spec.close_code, err.code)
 
     def watch_outbound(self, transport: asyncio.BaseTransport | None) -> None:
-        """Let the client's buffer grow to the limit, so a full one is seen, not waited on.
-
-        By what it can do, not by class: uvloop's transports are no `asyncio.WriteTransport`
-        (an isinstance check here left a slow client unguarded on uvloop)."""
-        if hasattr(transport, "set_write_buffer_limits") and hasattr(
-            transport, "get_write_buffer_size"
-        ):
-            writable = cast(asyncio.WriteTransport, transport)
-            writable.set_write_buffer_limits(high=self.node.settings.max_pending_bytes)
-            self._transport = writable
-
-    async def _send(self, text: str) -> bool:
-        if self.ws.closed:
-            return False
-        transport = self._transport
-        if transport is not None and (
-            transport.get_write_buffer_size() + len(text) > self._max_pending
-        ):
-            await self._drop_slow_client(transport)
-            return False
-        try:
-            await self.ws.send_str(text)
-        except (ConnectionError, RuntimeError, aiohttp.ClientError):
-            return False
-        return True
-
-    async def _drop_slow_client(self, transport: asyncio.WriteTransport) -> None:
-        log.warning(
-            "client not reading: closing",
-            extra={
-                "socket_id": self.id,
-                "key_prefix": self.principal.key_prefix,
-                "pending_bytes": transport.get_write_buffer_size(),
-            },
-        )
-        metrics.count_error("client_not_reading")
-        try:
-            await asyncio.wait_for(self.close(1008, "client not reading"), timeout=1.0)
-        except TimeoutError:
-            transport.abort()  # its close frame sits behind what it would not read
+        """The client's transport, for the slow-client guard (app/clientlink.py)."""
+        self.client.watch(transport)
 
     async def close(self, code: int, reason: str = "") -> None:
-        """The gateway closes the client socket, with a whole close handshake.
-
-        aiohttp's `close()`, called from another task while the reader waits in `receive()`,
-        sends the close frame and closes TCP at once, without the client's answer: a client still
-        sending then gets a reset, and aiohttp's own client reports 1006, not the code. So a close
-        started elsewhere (drain, revocation, a socket limit, a slow client, the end of a turn) is
-        handed to the reader: cancelled in `receive()`, it calls `close()` itself, which discards
-        what the client still sends until its close frame comes (CLOSE_HANDSHAKE_SECONDS at
-        most), and this waits for that. A reader busy with a frame needs no hand-over: aiohttp's
-        `close()` then waits for the answer by itself.
-        """
+        """The gateway closes the client socket, from any task: CLOSING, then the close handshake
+        (`ClientLink.close`, which hands it to the reader when that waits for a frame)."""
         if self.state in (State.CLOSING, State.CLOSED):
             return
-        self.closed_by = "gateway"
-        self._sent_close = code
-        self._sent_reason = reason
         self._transition(State.CLOSING)
-        reader = self._reader
-        if self._parked and reader is not None and reader is not asyncio.current_task():
-            done = self._handed_over = asyncio.Event()
-            reader.cancel()
-            await done.wait()
-            return
-        await self._close_ws()
-
-    def _was_handed_close(self) -> bool:
-        """Whether the reader's cancellation was `close`'s hand-over alone (not aiohttp's)."""
-        reader = self._reader
-        return self._handed_over is not None and reader is not None and reader.uncancel() == 0
-
-    async def _close_ws(self) -> None:
-        assert self._sent_close is not None
-        with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-            await self.ws.close(code=self._sent_close, message=self._sent_reason.encode()[:120])
+        await self.client.close(code, reason)
 
     # -- turns ----------------------------------------------------------------------------------
 
-    async def _start_turn(self, turn: Turn) -> None:
-        try:
-            conn = await self._ensure_upstream()
-        except UpstreamHandshakeError as exc:
-            err = GatewayError(
-                Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED,
-                f"Could not open the upstream WebSocket to OpenAI: {exc.detail}.",
-            )
-            await self._end_turn(turn, "error", error=err)
-            return
-        body = turn.frame.upstream_body()
-        own = as_items(turn.frame.input)
-        previous = turn.frame.previous_response_id
-        if conn.served == 0 and previous is not None and own is not None:
-            # A new upstream socket has an empty cache: continue the chain from memory.
-            chain = self.memory.chain_for(previous)
-            if chain is not None:
-                body["previous_response_id"] = None
-                body["input"] = [*chain, *own]
-        await self._send_upstream(turn, conn, body)
+    def _accept(self, frame: ClientFrame) -> None:
+        upstream = self.upstream
+        assert upstream is not None  # dropped by `_finish` alone, after the last turn
+        self.model = frame.model
+        self.turns += 1
+        turn = Turn(frame)
+        self.turn = turn
+        self._transition(State.IN_FLIGHT)
+        turn.task = asyncio.create_task(upstream.serve(turn), name=f"turn-{self.id}")
 
-    async def _send_upstream(self, turn: Turn, conn: UpstreamConn, body: dict[str, Any]) -> None:
-        turn.conn = conn
-        turn.sent_previous_id = body.get("previous_response_id")
-        turn.sent_input = as_items(body.get("input")) or []
-        self._last_upstream_frame = time.perf_counter()
-        self._arm_watchdog()
-        try:
-            await conn.send(body)
-        except (ConnectionError, RuntimeError, aiohttp.ClientError):
-            pass  # the upstream reader sees the close and ends the turn
-
-    async def _ensure_upstream(self) -> UpstreamConn:
-        conn = self.upstream
-        settings = self.node.settings
-        if conn is not None and conn.usable and conn.age < settings.upstream_max_age_seconds:
-            return conn
-        if conn is not None:
-            self.upstream = self.raw = None
-            if not conn.ws.closed:
-                self.last_upstream_close = (1000, "replaced by the gateway at a turn boundary")
-            await conn.close()
-        team = self.node.view.view.teams.get(self.principal.team_id)
-        credential = self.node.credential(team.upstream_credential) if team else None
-        if not credential:
-            raise UpstreamHandshakeError("no upstream credential on this node")
-        conn = await self.node.pool.take(team.upstream_credential) if team else None
-        if conn is None:  # no warm one: pay the handshake
-            conn = await open_upstream(
-                self.node.upstream_http,
-                settings.upstream_ws_url,
-                credential,
-                timeout=settings.upstream_handshake_seconds,
-                max_msg_size=settings.upstream_max_frame_bytes,
-            )
-        self.upstream = conn
-        raw = None
-        if settings.raw_forwarding:
-            raw = RawForwarder.install(
-                conn.ws, functools.partial(self.raw_frame, conn), self.raw_write
-            )
-        self.raw = raw
-        self._upstream_reader = asyncio.create_task(
-            self._read_upstream(conn, raw), name=f"upstream-{self.id}"
-        )
-        return conn
-
-    async def _end_turn(
+    async def end_turn(
         self,
         turn: Turn,
         status: str,
@@ -529,6 +298,17 @@ class Session:
         if self._close_after_turn is not None and self.state is State.IDLE:
             await self.close(*self._close_after_turn)
 
+    def _abort_turn(self, status: str) -> None:
+        turn = self.turn
+        if turn is None:
+            return
+        self.turn = None
+        if turn.task is not None and not turn.task.done():
+            turn.task.cancel()
+        if self.state is State.IN_FLIGHT:
+            self._transition(State.IDLE)
+        self._record_turn(turn, status, None)
+
     def _record_turn(self, turn: Turn, status: str, response: dict[str, Any] | None) -> None:
         duration = time.perf_counter() - turn.started
         model = turn.frame.model
@@ -536,8 +316,9 @@ class Session:
         usage_fields = charge(self.node.view.view.catalog, model, self.principal.team_id, usage)
         metrics.responses(model, status).inc()
         metrics.RESPONSE_DURATION.observe(duration)
-        turn.overhead.flush()
-        ttfe = None if turn.first_event_at is None else turn.first_event_at - turn.started
+        tally = turn.tally
+        tally.flush()
+        ttfe = None if tally.first_event_at is None else tally.first_event_at - turn.started
         log.info(
             "response",
             extra={
@@ -565,291 +346,6 @@ class Session:
         )
         self.node.store.update_session(self.id, self.info())  # the listing's model and turns
 
-    # -- the upstream side (hot path) -----------------------------------------------------------
-
-    def _arm_watchdog(self) -> None:
-        """One timer per idle period, not one per frame (a timer per frame cost 20% of the
-        hot path under load): it re-arms itself until the upstream has been silent too long."""
-        if self._watchdog is None:
-            idle = self.node.settings.upstream_idle_seconds
-            self._watchdog = asyncio.get_running_loop().call_later(idle, self._watchdog_fired)
-
-    def _watchdog_fired(self) -> None:
-        self._watchdog = None
-        turn = self.turn
-        if turn is None or turn.conn is None or self.state is not State.IN_FLIGHT:
-            return
-        idle = self.node.settings.upstream_idle_seconds
-        silent = time.perf_counter() - self._last_upstream_frame
-        if silent < idle:
-            loop = asyncio.get_running_loop()
-            self._watchdog = loop.call_later(idle - silent, self._watchdog_fired)
-            return
-        reason = f"upstream silent for {idle:g} s"
-        self._silence = asyncio.create_task(
-            self._upstream_lost(turn.conn, 1006, reason, abort=True), name=f"silent-{self.id}"
-        )
-
-    def raw_frame(
-        self, conn: UpstreamConn, data: bytes, start: int, payload: int, end: int
-    ) -> bool:
-        """The raw hot path (app/rawpath.py): may the upstream text frame `data[start:end]` go to
-        the client as it came? Yes if it is an event of the turn under way that needs nothing
-        awaited (not a terminal event, not an error) and the client's buffer has room; the
-        bookkeeping `_on_upstream_text` does for such an event is done here, and the frame goes
-        out with the others of its read in `raw_write`. False: it takes aiohttp's path."""
-        turn = self.turn
-        if turn is None or turn.conn is not conn or not data.startswith(_TYPE_BYTES, payload):
-            return False
-        kind = data[payload + 9 : data.find(b'"', payload + 9, end)]
-        if kind in _AWAITED_BYTES:
-            return False
-        transport = self._transport
-        if (
-            transport is None
-            or transport.is_closing()
-            or self.state is not State.IN_FLIGHT
-            or self.ws.closed  # a close frame went out (aiohttp's answer to the client's)
-            or transport.get_write_buffer_size() + (end - start) > self._max_pending
-        ):
-            return False
-        if kind == b"response.created":
-            try:
-                turn.response_id = _response_id(orjson.loads(data[payload:end]))
-            except orjson.JSONDecodeError:
-                return False
-        if turn.first_event_at is None:
-            turn.first_event_at = received = time.perf_counter()
-            metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
-        turn.events += 1
-        return True
-
-    def raw_write(self, frames: bytes, count: int, received: float) -> None:
-        """The frames `raw_frame` took from one read, to the client in one write."""
-        self._last_upstream_frame = received
-        transport = self._transport
-        turn = self.turn
-        assert transport is not None and turn is not None  # raw_frame checked, nothing since
-        transport.write(frames)
-        turn.overhead.observe(time.perf_counter() - received, count)
-
-    async def _read_upstream(self, conn: UpstreamConn, raw: RawForwarder | None = None) -> None:
-        ws = conn.ws
-        handled = False
-        while True:
-            if handled and raw is not None and raw.pending:
-                raw.pending -= 1  # the last message is done with: raw frames may pass again
-            handled = True
-            try:
-                msg = await ws.receive()
-            except (ConnectionError, aiohttp.ClientError, RuntimeError):
-                await self._upstream_lost(conn, 1006, "upstream connection dropped")
-                return
-            if msg.type is WSMsgType.TEXT:
-                # The hot path is app/rawpath.py; frames here are the few it hands on.
-                if not await self._on_upstream_text(conn, msg.data):
-                    return
-            elif msg.type is WSMsgType.BINARY:
-                self._last_upstream_frame = time.perf_counter()
-                with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-                    await self.ws.send_bytes(msg.data)
-            elif msg.type is WSMsgType.CLOSE:
-                await self._upstream_lost(conn, int(msg.data), str(msg.extra or ""))
-                return
-            else:  # CLOSING, CLOSED, ERROR: the connection went without a close frame
-                code = ws.close_code if ws.close_code and ws.close_code != 1000 else 1006
-                reason = "upstream connection dropped"
-                if msg.type is WSMsgType.ERROR:
-                    reason = f"upstream connection failed ({type(msg.data).__name__})"
-                await self._upstream_lost(conn, code, reason)
-                return
-
-    async def _on_upstream_text(self, conn: UpstreamConn | None, text: str) -> bool:
-        """Forward one upstream event; False when the client is gone."""
-        received = self._last_upstream_frame = time.perf_counter()
-        turn = self.turn
-        kind = event_type(text)
-        if kind in INSPECTED:
-            handled = await self._inspect(conn, turn, kind, text)
-            if handled is not None:
-                return handled
-        if turn is not None:
-            turn.events += 1
-            if turn.first_event_at is None:
-                turn.first_event_at = received
-                metrics.TIME_TO_FIRST_EVENT.observe(received - turn.started)
-        if not await self._send(text):
-            return False
-        if turn is not None:
-            turn.overhead.observe(time.perf_counter() - received)
-        else:
-            metrics.OVERHEAD.observe(time.perf_counter() - received)
-        return True
-
-    async def _inspect(
-        self, conn: UpstreamConn | None, turn: Turn | None, kind: str | None, text: str
-    ) -> bool | None:
-        """The few events that matter to the session. None: forward as usual."""
-        event = orjson.loads(text)
-        if kind == "response.created":
-            if turn is not None:
-                turn.response_id = _response_id(event)
-            return None
-        if kind in TERMINAL:
-            if turn is None:
-                return None
-            found = event.get("response")
-            response: dict[str, Any] = found if isinstance(found, dict) else {}
-            turn.response_id = _response_id(event) or turn.response_id
-            if not await self._forward_final(turn, text):
-                return False
-            status = str(response.get("status") or kind.removeprefix("response."))
-            if kind == "response.failed":
-                self.memory.forget(turn.frame.previous_response_id)
-            elif turn.response_id:
-                output = response.get("output")
-                self.memory.record(
-                    turn.sent_previous_id,
-                    turn.sent_input,
-                    turn.response_id,
-                    output if isinstance(output, list) else [],
-                )
-            await self._end_turn(turn, status, response=response)
-            return True
-        return await self._on_upstream_error(conn, turn, event)
-
-    async def _forward_final(self, turn: Turn, text: str) -> bool:
-        turn.events += 1
-        if turn.first_event_at is None:  # a turn whose first event ends it (an error, failed)
-            turn.first_event_at = first = time.perf_counter()
-            metrics.TIME_TO_FIRST_EVENT.observe(first - turn.started)
-        return await self._send(text)
-
-    async def _on_upstream_error(
-        self, conn: UpstreamConn | None, turn: Turn | None, event: dict[str, Any]
-    ) -> bool | None:
-        found = event.get("error")
-        error: dict[str, Any] = found if isinstance(found, dict) else {}
-        code = error.get("code")
-        if code == LIMIT_REACHED:
-            if conn is not None:
-                conn.stale = True  # never forwarded; the next turn opens a new upstream socket
-            return True
-        if turn and conn and code == NOT_FOUND and await self._retry(conn, turn):
-            return True
-        if "status" not in event:
-            # Codex hangs on an error without status (CONTRACT.md §3).
-            event["status"] = 400 if error.get("type") == "invalid_request_error" else 500
-            text = orjson.dumps(event).decode()
-        else:
-            text = None
-        if turn is None:
-            return None if text is None else await self._send(text)
-        if code != NOT_FOUND:
-            self.memory.forget(turn.frame.previous_response_id)
-        elif self.memory.was_dropped(turn.frame.previous_response_id):
-            turn.memory_bound_exceeded = True
-        if text is None:
-            text = orjson.dumps(event).decode()
-        ok = await self._forward_final(turn, text)
-        metrics.count_error(str(code or "upstream_error"))
-        await self._end_turn(turn, "error")
-        return ok
-
-    async def _retry(self, conn: UpstreamConn, turn: Turn) -> bool:
-        """One retry of a `previous_response_not_found`, with the remembered chain."""
-        previous = turn.frame.previous_response_id
-        own = turn.frame.input
-        if turn.retried or previous is None or not isinstance(own, list) or turn.events:
-            return False
-        chain = self.memory.chain_for(previous)
-        if chain is None:
-            return False
-        turn.retried = True
-        metrics.UPSTREAM_RETRIES_TOTAL.labels(reason=NOT_FOUND).inc()
-        body = turn.frame.upstream_body(previous_response_id=None, input=[*chain, *own])
-        await self._send_upstream(turn, conn, body)
-        return True
-
-    async def _upstream_lost(
-        self, conn: UpstreamConn, code: int, reason: str, *, abort: bool = False
-    ) -> None:
-        """The upstream socket ended (close frame, drop or silence)."""
-        if conn.closing:
-            return  # the gateway closed it (replaced, or the client left)
-        metrics.count_close("upstream", code)
-        self.last_upstream_close = (code, reason)
-        if self.upstream is conn:
-            self.upstream = self.raw = None
-        turn = self.turn
-        if turn is not None and turn.conn is conn and self.state is State.IN_FLIGHT:
-            if self._wants_http_fallback(turn, code):
-                await self._http_fallback(turn, code, reason)
-            else:
-                await self._end_turn(turn, "error", error=_closed_error(code, reason))
-        if abort:  # after the client has its answer: a silent upstream may not answer a close
-            await conn.close()
-
-    def _wants_http_fallback(self, turn: Turn, code: int) -> bool:
-        """OpenAI's silent close on a non-integer temperature/top_p (UPSTREAM.md, fault 1)."""
-        return (
-            code == 1000
-            and turn.events == 0
-            and not turn.http_fallback
-            and turn.frame.has_decimal_sampling
-            and self.node.settings.http_fallback
-        )
-
-    async def _http_fallback(self, turn: Turn, code: int, reason: str) -> None:
-        """Serve the same turn over `POST /responses` (SSE), events sent as WebSocket frames."""
-        turn.conn = None
-        turn.http_fallback = True
-        metrics.UPSTREAM_RETRIES_TOTAL.labels(reason="http_fallback").inc()
-        body = turn.frame.upstream_body()
-        del body["type"]
-        # `stream_id` is WebSocket-only, no field of `POST /responses`: the gateway puts it on
-        # every event of the turn itself, as OpenAI's WebSocket would (CONTRACT.md §3).
-        stream_id = body.pop("stream_id", None)
-        stamp = None if stream_id is None else orjson.dumps(stream_id).decode()
-        previous = turn.frame.previous_response_id
-        if previous is not None:
-            chain = self.memory.chain_for(previous)
-            own = as_items(turn.frame.input)
-            if chain is None or own is None:
-                err = GatewayError(
-                    Code.PREVIOUS_RESPONSE_NOT_FOUND,
-                    f"Previous response with id '{previous}' not found.",
-                    param="previous_response_id",
-                )
-                await self._end_turn(turn, "error", error=err)
-                return
-            body["previous_response_id"] = None
-            body["input"] = [*chain, *own]
-        turn.sent_previous_id = None
-        turn.sent_input = as_items(body.get("input")) or []
-        team = self.node.view.view.teams.get(self.principal.team_id)
-        credential = (self.node.credential(team.upstream_credential) if team else None) or ""
-        settings = self.node.settings
-        try:
-            async for data in stream_http(
-                self.node.upstream_http,
-                settings.openai_base_url,
-                credential,
-                body,
-                timeout=settings.upstream_handshake_seconds,
-            ):
-                if stamp is not None:
-                    data = with_stream_id(data, stamp)
-                if self.turn is not turn or not await self._on_upstream_text(None, data):
-                    return
-        except UpstreamHTTPError as exc:
-            event = {"type": "error", "status": exc.status, "error": exc.body["error"]}
-            if stream_id is not None:
-                event["stream_id"] = stream_id
-            await self._on_upstream_text(None, orjson.dumps(event).decode())
-        if self.turn is turn:  # the stream ended without a terminal event
-            await self._end_turn(turn, "error", error=_closed_error(code, reason))
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def expel(self, code: Code) -> None:
@@ -860,32 +356,6 @@ class Session:
         metrics.count_error(code)
         self._abort_turn("error")
         await self._send_error(GatewayError(code), turn.frame.stream_id if turn else None)
-
-    def principal_status(self) -> Code | None:
-        """Checked about 4 times a second by the node: revocation, expiry, team disable."""
-        if self.state in (State.CLOSING, State.CLOSED):
-            return None
-        team = self.node.view.view.teams.get(self.principal.team_id)
-        if team is not None and not team.active:
-            return Code.TEAM_DISABLED
-        key = self.node.key_cache.get(self.principal.key_id)
-        if key is None:
-            return None
-        status = secret_status(key, self.principal.secret_hash, now_utc())
-        if status is Code.INVALID_API_KEY:
-            return Code.API_KEY_EXPIRED
-        return status
-
-    def _abort_turn(self, status: str) -> None:
-        turn = self.turn
-        if turn is None:
-            return
-        self.turn = None
-        if turn.task is not None and not turn.task.done():
-            turn.task.cancel()
-        if self.state is State.IN_FLIGHT:
-            self._transition(State.IDLE)
-        self._record_turn(turn, status, None)
 
     async def drain(self) -> None:
         """SIGTERM: close at once when idle, right after the terminal event when in flight."""
@@ -960,29 +430,20 @@ class Session:
         if self.state is not State.CLOSING and self.state is not State.CLOSED:
             self._transition(State.CLOSING)
         self._abort_turn("cancelled")
-        if self._watchdog is not None:
-            self._watchdog.cancel()
         if self._limits is not None:
             self._limits.cancel()
         # Nothing the session holds may point back at it once it ends, so that it, its sockets
         # and all they hold are freed by reference counting, not left to the cyclic collector
         # (whose full passes over that garbage held the loop for 90-140 ms under load): the
-        # reader task's CancelledError holds its frame (the session), and the forwarder holds the
-        # session's methods.
-        reader, self._upstream_reader = self._upstream_reader, None
-        if reader is not None:
-            reader.cancel()
-        conn, self.upstream, self.raw = self.upstream, None, None
-        if conn is not None and not conn.ws.closed:
-            self.last_upstream_close = (1000, "closed by the gateway with the client socket")
-        self.memory.clear()
+        # links point back at the session (the upstream link's reader task and raw forwarder,
+        # the client link's slow-client close), so the session lets go of the one and detaches
+        # the other.
+        upstream, self.upstream = self.upstream, None
+        conn = upstream.detach() if upstream is not None else None
+        upstream_close = upstream.last_close if upstream is not None else (None, None)
+        self.client.detach()
         self._transition(State.CLOSED)
-        if self.closed_by == "gateway":
-            code, reason = self._sent_close, self._sent_reason
-        elif self._client_close is not None:
-            code, reason = self._client_close
-        else:  # the connection went without a close frame
-            code, reason = ABNORMAL_CLOSURE, "connection lost without a close frame"
+        self.closed_by, code, reason = self.client.outcome()
         self.close_code, self.close_reason = code, reason
         metrics.count_close(self.closed_by, code)
         self.node.ledger.record(
@@ -992,31 +453,14 @@ class Session:
                 closed_by=self.closed_by,
                 close_code=code,
                 close_reason=reason,
-                upstream_close_code=self.last_upstream_close[0],
-                upstream_close_reason=self.last_upstream_close[1],
+                upstream_close_code=upstream_close[0],
+                upstream_close_reason=upstream_close[1],
                 turns=self.turns,
                 model=self.model,
             )
         )
         if conn is not None:
             await conn.close()
-
-
-def _closed_error(code: int, reason: str) -> GatewayError:
-    shown = reason or "no reason given"
-    return GatewayError(
-        Code.UPSTREAM_WEBSOCKET_CLOSED,
-        f"The upstream WebSocket closed with code {code} ({shown}) mid-response.",
-        details={"upstream_close_code": code, "upstream_close_reason": reason},
-    )
-
-
-def _response_id(event: dict[str, Any]) -> str | None:
-    response = event.get("response")
-    if isinstance(response, dict):
-        value = response.get("id")
-        return value if isinstance(value, str) else None
-    return None
 
 
 def _model_of(err: GatewayError, data: str) -> str | None:

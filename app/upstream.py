@@ -1,4 +1,4 @@
-"""The upstream link: the only module that speaks to OpenAI.
+"""The upstream wire: the only module that speaks to OpenAI.
 
 One `UpstreamConn` per client socket (OpenAI keeps its `previous_response_id` cache on the
 connection); `post_http` for the HTTP calls (the POST relay, compaction, the session's HTTP

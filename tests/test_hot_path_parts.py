@@ -1,7 +1,8 @@
 """The hot path's speed-ups, each against the behaviour it must keep.
 
 - `metrics.Tally`: a turn's per-event overhead added up and handed to the histogram at its end
-  must leave exactly what observing each value would have.
+  must leave exactly what observing each value would have; `metrics.EventTally` counts a turn's
+  events with it, and observes the time to the first one once.
 - `NodeView.lookup_secret`: a secret seen before is reused without a round trip only while the
   store's version has not moved; a write (here or on another node) refuses it again.
 - `KeyStore.allow_response`: a busy key's turns use spare slots taken ahead (no round trip);
@@ -78,6 +79,19 @@ def test_a_flushed_tally_equals_observing_each_value() -> None:
     for sample, value in want.items():
         assert got[sample] == pytest.approx(value), sample
     assert want[("_count", "")] == sum(1 + i % 3 for i in range(5000))
+
+
+def test_an_event_tally_counts_each_event_once_and_times_only_the_first() -> None:
+    """`EventTally.forwarded`, the one place a forwarded event is counted (raw path per write,
+    aiohttp's path per event): its overhead tallied as `Tally.observe` would, TTFE once."""
+    ttfe = ("gateway_time_to_first_event_seconds_count", "")
+    before = _samples(metrics.TIME_TO_FIRST_EVENT)[ttfe]
+    tally = metrics.EventTally(started=10.0)
+    tally.forwarded(10.5, 3)  # one write of three frames
+    tally.forwarded(11.0)
+    assert (tally.events, tally.first_event_at, sum(tally.counts)) == (4, 10.5, 4)
+    assert _samples(metrics.TIME_TO_FIRST_EVENT)[ttfe] == before + 1
+    assert tally.counts[-1] == 4  # received "long ago" on perf_counter's clock: +Inf
 
 
 def test_secrets_compare_by_hash_and_old_secrets_end_with_their_grace() -> None:

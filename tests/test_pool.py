@@ -180,7 +180,7 @@ async def test_pooled_sockets_are_refreshed_by_age(
     async with connect() as ws:
         assert (await turn(ws))[-1]["type"] == "response.completed"
         (session,) = gateway.node.sessions
-        conn = session.upstream
+        conn = session.upstream.conn
         assert conn is not None and conn.served == 1
         # Its age counts from its own handshake, and it was handed out young enough.
         assert conn.age < gateway.node.pool.max_take_age + 0.5

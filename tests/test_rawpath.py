@@ -24,7 +24,7 @@ from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.client_proto import ResponseHandler
 from conftest import UPSTREAM_KEY, Connect, Gateway, Sim, create, recv, send, until_terminal
 
-from app import rawpath, session
+from app import rawpath, upstreamlink
 from app.rawpath import RAW_MAX, RawForwarder
 from app.upstream import UpstreamConn
 
@@ -194,10 +194,10 @@ async def test_deltas_go_raw_through_the_gateway_and_arrive_whole(
             done = next(e for e in events if e["type"] == "response.output_text.done")
             assert deltas == done["text"]
         (session,) = gateway.node.sessions
-        assert session.raw is not None
+        assert session.upstream.raw is not None
         # Most deltas: not the first event of a turn, not the inspected ones (created,
         # completed), nor those that came in one read behind one of those (order first).
-        assert session.raw.forwarded > 60, session.raw.forwarded
+        assert session.upstream.raw.forwarded > 60, session.upstream.raw.forwarded
 
 
 @pytest.mark.parametrize("settings_overrides", [{"GATEWAY_RAW_FORWARDING": False}])
@@ -207,7 +207,7 @@ async def test_raw_forwarding_off_takes_aiohttps_path(gateway: Gateway, connect:
         events = await until_terminal(ws)
         assert events[-1]["type"] == "response.completed"
         (session,) = gateway.node.sessions
-        assert session.raw is None
+        assert session.upstream.raw is None
 
 
 async def test_a_model_check_still_answers_while_deltas_go_raw(
@@ -309,14 +309,14 @@ async def test_a_session_whose_reader_lacks_its_queue_forwards_every_event_in_or
     fresh_refusals: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    opened = session.open_upstream
+    opened = upstreamlink.open_upstream
 
     async def open_without_queue(*args: Any, **kwargs: Any) -> UpstreamConn:
         conn = await opened(*args, **kwargs)
         conn.ws._reader = Reader(conn.ws._reader)  # type: ignore[assignment]
         return conn
 
-    monkeypatch.setattr(session, "open_upstream", open_without_queue)
+    monkeypatch.setattr(upstreamlink, "open_upstream", open_without_queue)
     async with connect() as ws:
         for _ in range(2):
             await send(ws, create(metadata={"sim_deltas": "60"}))
@@ -328,5 +328,5 @@ async def test_a_session_whose_reader_lacks_its_queue_forwards_every_event_in_or
             done = next(e for e in events if e["type"] == "response.output_text.done")
             assert "".join(deltas) == done["text"]
         (live,) = gateway.node.sessions
-        assert live.raw is None  # aiohttp's path: the reader's queue could not be seen
+        assert live.upstream.raw is None  # aiohttp's path: the reader's queue could not be seen
     assert len(refusals(caplog)) == 1

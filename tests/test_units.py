@@ -10,7 +10,7 @@ import pytest
 from app.errors import SPECS, Code, GatewayError, error_type_for
 from app.memory import ConversationMemory, MemoryBudget
 from app.protocol import Ignored, parse_client_frame
-from app.session import event_type, with_stream_id
+from app.upstreamlink import event_type, with_stream_id
 
 CONTRACT_TABLE = {
     "invalid_response_create": (400, None),

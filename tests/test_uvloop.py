@@ -38,4 +38,5 @@ async def test_deltas_go_raw_on_uvloop(gateway: Gateway, connect: Connect) -> No
         numbers = [e["sequence_number"] for e in events]
         assert numbers == list(range(len(events)))
         (session,) = gateway.node.sessions
-        assert session.raw is not None and session.raw.forwarded > 30, session.raw
+        raw = session.upstream.raw
+        assert raw is not None and raw.forwarded > 30, raw

@@ -1,0 +1,476 @@
+"""A session's upstream side: a turn's request out, every event of it back to the client, in order.
+
+The wire is app/upstream.py; this is what a session does with it:
+- `serve(turn)` reuses the upstream socket or opens one (warm from the pool, or a new one when the
+  last is gone, retired or too old), continues the chain from the conversation memory on a new
+  socket, and sends the request (CONTRACT.md §3 check 9).
+- Each upstream socket has one reader task (`_read`) that forwards its events (`_forward`): the
+  hot path. The raw path (app/rawpath.py) calls `raw_frame` and `raw_write` for the frames it
+  takes as bytes, and aiohttp's reader hands `_read` only the rest, in order.
+- The few events and closes that end or redirect a turn are judged by app/turnpolicy.py and the
+  verdict is carried out here: a retry, the HTTP fallback, the memory forgetting or growing, and
+  the turn's end, which the session records (`TurnOwner.end_turn`).
+- A watchdog ends a turn whose upstream has been silent for `GATEWAY_UPSTREAM_IDLE_SECONDS`.
+
+Every write to the client goes through the session's `ClientLink` (app/clientlink.py); each
+forwarded event is counted once, by its turn's `EventTally.forwarded` (app/metrics.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+from aiohttp import WSMsgType
+
+from app import metrics, turnpolicy
+from app.clientlink import ClientLink
+from app.errors import GatewayError
+from app.memory import ConversationMemory, as_items
+from app.node import Node
+from app.rawpath import RawForwarder
+from app.turn import Turn
+from app.turnpolicy import INSPECTED, NOT_FOUND, TERMINAL, Action, Chain, unchained_input
+from app.upstream import (
+    UpstreamConn,
+    UpstreamHandshakeError,
+    UpstreamHTTPError,
+    open_upstream,
+    stream_http,
+)
+
+# The events whose handling awaits (the turn's end, retries): never on the raw path.
+_AWAITED_BYTES = frozenset(kind.encode() for kind in (*TERMINAL, "error"))
+_TYPE_PREFIX = '{"type":"'
+_TYPE_BYTES = _TYPE_PREFIX.encode()
+
+
+def event_type(text: str) -> str | None:
+    """The event's type without parsing it when the frame starts with its `type` (the norm)."""
+    if text.startswith(_TYPE_PREFIX):
+        end = text.find('"', 9)
+        if end > 0:
+            return text[9:end]
+    try:
+        value = orjson.loads(text)
+    except (orjson.JSONDecodeError, RecursionError, ValueError):
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def with_stream_id(text: str, stream_id: str) -> str:
+    """One event (a JSON object) with `"stream_id":<stream_id>` (already JSON) added at its top
+    level: spliced in before its closing brace, never parsed or serialized again."""
+    body = text.strip()
+    if not (body.startswith("{") and body.endswith("}")):
+        return text  # not an object: passed on as it came, for the checks to judge
+    if '"' in body:  # it has members: the lane follows them
+        return f'{body[:-1]},"stream_id":{stream_id}}}'
+    return f'{{"stream_id":{stream_id}}}'
+
+
+class TurnOwner(Protocol):
+    """What the link needs of its session (app/session.py)."""
+
+    id: str
+    turn: Turn | None  # the turn in flight (or closing with the socket)
+    in_flight: bool  # the session's state is IN_FLIGHT
+
+    async def end_turn(
+        self,
+        turn: Turn,
+        status: str,
+        *,
+        error: GatewayError | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> None: ...
+
+
+class UpstreamLink:
+    def __init__(self, owner: TurnOwner, node: Node, client: ClientLink, team_id: str) -> None:
+        # The session points at this link and this link at the session: the session drops the
+        # link when it ends (`Session._finish`), so refcounting frees both.
+        self.owner = owner
+        self.node = node
+        self.client = client
+        self.team_id = team_id
+        self.memory = ConversationMemory(node.settings.context_bytes, node.memory_budget)
+        self.conn: UpstreamConn | None = None
+        # The current socket's raw forwarder. Kept here, not on the UpstreamConn: the
+        # forwarder's sink holds the conn, so conn.raw would be a cycle.
+        self.raw: RawForwarder | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.last_close: tuple[int | None, str | None] = (None, None)  # for the ledger
+        self._last_frame_at = time.perf_counter()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._silence: asyncio.Task[None] | None = None
+
+    # -- a turn's request -----------------------------------------------------------------------
+
+    async def serve(self, turn: Turn) -> None:
+        """The turn's request upstream, on the socket there is or a new one (check 9)."""
+        try:
+            conn = await self._ensure()
+        except UpstreamHandshakeError as exc:
+            verdict = turnpolicy.on_handshake_failure(exc.detail)
+            await self.owner.end_turn(turn, verdict.status, error=verdict.error)
+            return
+        body = turn.frame.upstream_body()
+        previous = turn.frame.previous_response_id
+        if conn.served == 0 and previous is not None:
+            # A new upstream socket has an empty cache: continue the chain from memory.
+            items = unchained_input(self.memory.chain_for(previous), as_items(turn.frame.input))
+            if items is not None:
+                body["previous_response_id"] = None
+                body["input"] = items
+        await self._send(turn, conn, body)
+
+    async def _send(self, turn: Turn, conn: UpstreamConn, body: dict[str, Any]) -> None:
+        turn.conn = conn
+        turn.sent_previous_id = body.get("previous_response_id")
+        turn.sent_input = as_items(body.get("input")) or []
+        self._last_frame_at = time.perf_counter()
+        self._arm_watchdog()
+        try:
+            await conn.send(body)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            pass  # the upstream reader sees the close and ends the turn
+
+    async def _ensure(self) -> UpstreamConn:
+        conn = self.conn
+        settings = self.node.settings
+        if conn is not None and conn.usable and conn.age < settings.upstream_max_age_seconds:
+            return conn
+        if conn is not None:
+            self.conn = self.raw = None
+            if not conn.ws.closed:
+                self.last_close = (1000, "replaced by the gateway at a turn boundary")
+            await conn.close()
+        team = self.node.view.view.teams.get(self.team_id)
+        credential = self.node.credential(team.upstream_credential) if team else None
+        if not credential:
+            raise UpstreamHandshakeError("no upstream credential on this node")
+        conn = await self.node.pool.take(team.upstream_credential) if team else None
+        if conn is None:  # no warm one: pay the handshake
+            conn = await open_upstream(
+                self.node.upstream_http,
+                settings.upstream_ws_url,
+                credential,
+                timeout=settings.upstream_handshake_seconds,
+                max_msg_size=settings.upstream_max_frame_bytes,
+            )
+        self.conn = conn
+        raw = None
+        if settings.raw_forwarding:
+            raw = RawForwarder.install(
+                conn.ws, functools.partial(self.raw_frame, conn), self.raw_write
+            )
+        self.raw = raw
+        self._reader = asyncio.create_task(self._read(conn, raw), name=f"upstream-{self.owner.id}")
+        return conn
+
+    # -- silence --------------------------------------------------------------------------------
+
+    def _arm_watchdog(self) -> None:
+        """One timer per idle period, not one per frame (a timer per frame cost 20% of the
+        hot path under load): it re-arms itself until the upstream has been silent too long."""
+        if self._watchdog is None:
+            idle = self.node.settings.upstream_idle_seconds
+            self._watchdog = asyncio.get_running_loop().call_later(idle, self._watchdog_fired)
+
+    def _watchdog_fired(self) -> None:
+        self._watchdog = None
+        turn = self.owner.turn
+        if turn is None or turn.conn is None or not self.owner.in_flight:
+            return
+        idle = self.node.settings.upstream_idle_seconds
+        silent = time.perf_counter() - self._last_frame_at
+        if silent < idle:
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(idle - silent, self._watchdog_fired)
+            return
+        reason = f"upstream silent for {idle:g} s"
+        self._silence = asyncio.create_task(
+            self._lost(turn.conn, 1006, reason, abort=True), name=f"silent-{self.owner.id}"
+        )
+
+    # -- the raw path (app/rawpath.py) ----------------------------------------------------------
+
+    def raw_frame(
+        self, conn: UpstreamConn, data: bytes, start: int, payload: int, end: int
+    ) -> bool:
+        """May the upstream text frame `data[start:end]` go to the client as it came? Yes if it
+        is an event of the turn under way that needs nothing awaited (not a terminal event, not
+        an error) and the client's buffer has room; it then goes out with the others of its read
+        in `raw_write`. False: it takes aiohttp's path (`_read`)."""
+        owner = self.owner
+        turn = owner.turn
+        if turn is None or turn.conn is not conn or not data.startswith(_TYPE_BYTES, payload):
+            return False
+        kind = data[payload + 9 : data.find(b'"', payload + 9, end)]
+        if kind in _AWAITED_BYTES:
+            return False
+        client = self.client
+        transport = client.transport
+        if (  # ClientLink's room for it: its guard's test, inlined (a call per frame costs)
+            transport is None
+            or transport.is_closing()
+            or not owner.in_flight
+            or client.ws.closed  # a close frame went out (aiohttp's answer to the client's)
+            or transport.get_write_buffer_size() + (end - start) > client.max_pending
+        ):
+            return False
+        if kind == b"response.created":
+            try:
+                turn.response_id = _response_id(orjson.loads(data[payload:end]))
+            except orjson.JSONDecodeError:
+                return False
+        return True
+
+    def raw_write(self, frames: bytes, count: int, received: float) -> None:
+        """The frames `raw_frame` took from one read, to the client in one write."""
+        self._last_frame_at = received
+        transport = self.client.transport
+        turn = self.owner.turn
+        assert transport is not None and turn is not None  # raw_frame checked, nothing since
+        transport.write(frames)
+        turn.tally.forwarded(received, count)
+
+    # -- aiohttp's path -------------------------------------------------------------------------
+
+    async def _read(self, conn: UpstreamConn, raw: RawForwarder | None) -> None:
+        ws = conn.ws
+        handled = False
+        while True:
+            if handled and raw is not None and raw.pending:
+                raw.pending -= 1  # the last message is done with: raw frames may pass again
+            handled = True
+            try:
+                msg = await ws.receive()
+            except (ConnectionError, aiohttp.ClientError, RuntimeError):
+                await self._lost(conn, 1006, "upstream connection dropped")
+                return
+            if msg.type is WSMsgType.TEXT:
+                # The hot path is app/rawpath.py; frames here are the few it hands on.
+                if not await self._forward(conn, msg.data):
+                    return
+            elif msg.type is WSMsgType.BINARY:
+                self._last_frame_at = time.perf_counter()
+                await self.client.send(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                await self._lost(conn, int(msg.data), str(msg.extra or ""))
+                return
+            else:  # CLOSING, CLOSED, ERROR: the connection went without a close frame
+                code = ws.close_code if ws.close_code and ws.close_code != 1000 else 1006
+                reason = "upstream connection dropped"
+                if msg.type is WSMsgType.ERROR:
+                    reason = f"upstream connection failed ({type(msg.data).__name__})"
+                await self._lost(conn, code, reason)
+                return
+
+    async def _forward(self, conn: UpstreamConn | None, text: str) -> bool:
+        """One upstream event (`conn` None: from the HTTP fallback); False when the client is
+        gone."""
+        received = self._last_frame_at = time.perf_counter()
+        turn = self.owner.turn
+        kind = event_type(text)
+        if kind in INSPECTED:
+            handled = await self._inspect(conn, turn, kind, text, received)
+            if handled is not None:
+                return handled
+        return await self._deliver(turn, text, received)
+
+    async def _deliver(self, turn: Turn | None, text: str, received: float) -> bool:
+        """An event to the client, then counted (as `raw_write` does for the raw path)."""
+        if not await self.client.send(text):
+            return False
+        if turn is not None:
+            turn.tally.forwarded(received)
+        else:
+            metrics.OVERHEAD.observe(time.perf_counter() - received)
+        return True
+
+    async def _inspect(
+        self,
+        conn: UpstreamConn | None,
+        turn: Turn | None,
+        kind: str | None,
+        text: str,
+        received: float,
+    ) -> bool | None:
+        """The few events that matter to the turn. None: forward it as usual."""
+        event = orjson.loads(text)
+        if kind == "response.created":
+            if turn is not None:
+                turn.response_id = _response_id(event)
+            return None
+        if kind in TERMINAL:
+            if turn is None:
+                return None
+            found = event.get("response")
+            response: dict[str, Any] = found if isinstance(found, dict) else {}
+            turn.response_id = _response_id(event) or turn.response_id
+            if not await self._deliver(turn, text, received):
+                return False
+            verdict = turnpolicy.on_terminal(kind, response)
+            output = response.get("output")
+            self._settle_memory(turn, verdict.chain, output if isinstance(output, list) else [])
+            await self.owner.end_turn(turn, verdict.status, response=response)
+            return True
+        return await self._on_error(conn, turn, event, received)
+
+    async def _on_error(
+        self,
+        conn: UpstreamConn | None,
+        turn: Turn | None,
+        event: dict[str, Any],
+        received: float,
+    ) -> bool | None:
+        found = event.get("error")
+        error: dict[str, Any] = found if isinstance(found, dict) else {}
+        code = error.get("code")
+        previous = turn.frame.previous_response_id if turn is not None else None
+        verdict = turnpolicy.on_error(
+            code,
+            None if turn is None else turn.facts(),
+            over_websocket=conn is not None,
+            remembered=self.memory.chain_for(previous) is not None,
+        )
+        if verdict.action is Action.SWALLOW:
+            if conn is not None:
+                conn.stale = True  # the next turn opens a new upstream socket
+            return True
+        if verdict.action is Action.RETRY:
+            assert turn is not None and conn is not None
+            await self._retry(conn, turn)
+            return True
+        patched = "status" not in event
+        if patched:  # Codex hangs on an error without status (CONTRACT.md §3)
+            event["status"] = turnpolicy.error_status(error)
+        if turn is None:
+            return await self.client.send(orjson.dumps(event).decode()) if patched else None
+        self._settle_memory(turn, verdict.chain)
+        if code == NOT_FOUND and self.memory.was_dropped(previous):
+            turn.memory_bound_exceeded = True
+        ok = await self._deliver(turn, orjson.dumps(event).decode(), received)
+        metrics.count_error(str(code or "upstream_error"))
+        await self.owner.end_turn(turn, verdict.status)
+        return ok
+
+    def _settle_memory(self, turn: Turn, chain: Chain, output: list[Any] | None = None) -> None:
+        if chain is Chain.FORGET:
+            self.memory.forget(turn.frame.previous_response_id)
+        elif chain is Chain.EXTEND and turn.response_id:
+            self.memory.record(
+                turn.sent_previous_id, turn.sent_input, turn.response_id, output or []
+            )
+
+    async def _retry(self, conn: UpstreamConn, turn: Turn) -> None:
+        """The one retry of a `previous_response_not_found`, with the remembered chain."""
+        own = turn.frame.input
+        items = unchained_input(
+            self.memory.chain_for(turn.frame.previous_response_id),
+            own if isinstance(own, list) else None,
+        )
+        assert items is not None  # turnpolicy.may_retry
+        turn.retried = True
+        metrics.UPSTREAM_RETRIES_TOTAL.labels(reason=NOT_FOUND).inc()
+        body = turn.frame.upstream_body(previous_response_id=None, input=items)
+        await self._send(turn, conn, body)
+
+    # -- the upstream socket ends ---------------------------------------------------------------
+
+    async def _lost(
+        self, conn: UpstreamConn, code: int, reason: str, *, abort: bool = False
+    ) -> None:
+        """The upstream socket ended (close frame, drop or silence)."""
+        if conn.closing:
+            return  # the gateway closed it (replaced, or the client left)
+        metrics.count_close("upstream", code)
+        self.last_close = (code, reason)
+        if self.conn is conn:
+            self.conn = self.raw = None
+        turn = self.owner.turn
+        if turn is not None and turn.conn is conn and self.owner.in_flight:
+            verdict = turnpolicy.on_close(
+                code, reason, turn.facts(), fallback_enabled=self.node.settings.http_fallback
+            )
+            if verdict.action is Action.HTTP_FALLBACK:
+                await self._http_fallback(turn, code, reason)
+            else:
+                await self.owner.end_turn(turn, verdict.status, error=verdict.error)
+        if abort:  # after the client has its answer: a silent upstream may not answer a close
+            await conn.close()
+
+    async def _http_fallback(self, turn: Turn, code: int, reason: str) -> None:
+        """Serve the same turn over `POST /responses` (SSE), events sent as WebSocket frames."""
+        turn.conn = None
+        turn.http_fallback = True
+        metrics.UPSTREAM_RETRIES_TOTAL.labels(reason="http_fallback").inc()
+        body = turn.frame.upstream_body()
+        del body["type"]
+        # `stream_id` is WebSocket-only, no field of `POST /responses`: the gateway puts it on
+        # every event of the turn itself, as OpenAI's WebSocket would (CONTRACT.md §3).
+        stream_id = body.pop("stream_id", None)
+        stamp = None if stream_id is None else orjson.dumps(stream_id).decode()
+        previous = turn.frame.previous_response_id
+        if previous is not None:
+            items = unchained_input(self.memory.chain_for(previous), as_items(turn.frame.input))
+            if items is None:
+                verdict = turnpolicy.on_unremembered_fallback(previous)
+                await self.owner.end_turn(turn, verdict.status, error=verdict.error)
+                return
+            body["previous_response_id"] = None
+            body["input"] = items
+        turn.sent_previous_id = None
+        turn.sent_input = as_items(body.get("input")) or []
+        team = self.node.view.view.teams.get(self.team_id)
+        credential = (self.node.credential(team.upstream_credential) if team else None) or ""
+        settings = self.node.settings
+        try:
+            async for data in stream_http(
+                self.node.upstream_http,
+                settings.openai_base_url,
+                credential,
+                body,
+                timeout=settings.upstream_handshake_seconds,
+            ):
+                if stamp is not None:
+                    data = with_stream_id(data, stamp)
+                if self.owner.turn is not turn or not await self._forward(None, data):
+                    return
+        except UpstreamHTTPError as exc:
+            event = {"type": "error", "status": exc.status, "error": exc.body["error"]}
+            if stream_id is not None:
+                event["stream_id"] = stream_id
+            await self._forward(None, orjson.dumps(event).decode())
+        if self.owner.turn is turn:  # the stream ended without a terminal event
+            await self.owner.end_turn(turn, "error", error=turnpolicy.closed_error(code, reason))
+
+    def detach(self) -> UpstreamConn | None:
+        """The session ended: stop reading and watching, let the memory go. Returns the socket
+        still to close (after the session is recorded), if one is open."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        # The reader task's CancelledError holds its frame (this link, and so the session).
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+        conn, self.conn, self.raw = self.conn, None, None
+        if conn is not None and not conn.ws.closed:
+            self.last_close = (1000, "closed by the gateway with the client socket")
+        self.memory.clear()
+        return conn
+
+
+def _response_id(event: dict[str, Any]) -> str | None:
+    response = event.get("response")
+    if isinstance(response, dict):
+        value = response.get("id")
+        return value if isinstance(value, str) else None
+    return None
