@@ -23,7 +23,7 @@ COMPILE = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11
 help:
 	@echo "make run    local dev setup: Redis + PostgreSQL, then the gateway (scripts/run-dev.sh)"
 	@echo "make test   lint + the test suite (what CI runs via .ci/run)"
-	@echo "make lint   ruff check, ruff format --check, mypy --strict app"
+	@echo "make lint   ruff check, ruff format --check, mypy --strict app tests scripts"
 	@echo "make fmt    ruff format + ruff check --fix"
 	@echo "make bench  gateway bench --compare (simulator, bare relay, gateway)"
 	@echo "make deps   install redis-server / postgresql from Debian packages if missing"
@@ -55,7 +55,7 @@ lock: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict app
+	$(BIN)/mypy --strict app tests scripts
 
 .PHONY: test
 test: deps venv lint

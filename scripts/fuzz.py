@@ -48,7 +48,7 @@ from test_fuzz import LIMIT, Check, Frame, Prober, Watch, frames, judge  # noqa:
 from app.ledger import migrate  # noqa: E402
 from app.node import NODE, Node  # noqa: E402
 from app.server import create_app  # noqa: E402
-from app.session import State  # noqa: E402
+from app.session import Session, State  # noqa: E402
 from app.simulator import SimulatorOptions, create_simulator_app  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def node_checks(node: Node) -> tuple[Check, Check]:
     def idle() -> bool:
         sessions = list(node.sessions)
         return len(sessions) == 1 and all(
-            s.state is State.IDLE and s.turn is None for s in sessions
+            s.state is State.IDLE and isinstance(s, Session) and s.turn is None for s in sessions
         )
 
     async def idle_check() -> str | None:
@@ -128,7 +128,9 @@ def node_checks(node: Node) -> tuple[Check, Check]:
             idle,
             lambda: (
                 "the node's sessions are not one idle session: "
-                + str([(s.state.value, s.turn is not None) for s in node.sessions])
+                + str(
+                    [(s.state.value, getattr(s, "turn", None) is not None) for s in node.sessions]
+                )
             ),
         )
 

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -35,6 +35,7 @@ from app.ledger.migrate import migrate
 from app.models import Limits, Price, Team
 from app.node import NODE, Node
 from app.server import create_app
+from app.session import Session
 from app.simulator import SimulatorOptions, create_simulator_app
 
 UPSTREAM_KEY = "sk-upstream-test-0123456789"
@@ -141,6 +142,13 @@ class Gateway:
     @property
     def store(self) -> KeyStore:
         return self.node.store
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The node's live sockets as the sessions they are (the node sees `LiveSocket`s)."""
+        found = list(self.node.sessions)
+        assert all(isinstance(s, Session) for s in found), found
+        return cast(list[Session], found)
 
     def url(self, path: str) -> str:
         return str(self.server.make_url(path))

@@ -815,7 +815,7 @@ def node_checks(gateway: Gateway) -> tuple[Check, Check]:
         loop = asyncio.get_running_loop()
         end = loop.time() + 2.0
         while True:
-            sessions = list(gateway.node.sessions)
+            sessions = gateway.sessions
             busy = [s for s in sessions if s.state is not State.IDLE or s.turn is not None]
             if len(sessions) == 1 and not busy:
                 return None

@@ -30,7 +30,7 @@ async def collector_off() -> AsyncIterator[None]:
 
 
 def _only_session(gateway: Gateway) -> weakref.ref[Session]:
-    (session,) = gateway.node.sessions
+    (session,) = gateway.sessions
     return weakref.ref(session)
 
 

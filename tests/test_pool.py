@@ -128,8 +128,11 @@ async def test_a_chained_turn_on_a_pooled_socket_continues_from_memory(
         # The session's upstream socket goes; the next turn gets the pool's (fresh) one.
         await warm(gateway, 1)
         (spare,) = set(await open_ids(sim)) - {first_conn}
+        (session,) = gateway.sessions
+        assert session.upstream is not None
+        dropped = session.upstream.conn
         await drop(sim, first_conn)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: dropped is None or not dropped.usable)  # the gateway saw it
         third = await turn(ws, input=[user("three")], previous_response_id=r2)
         assert third[-1]["type"] == "response.completed", third[-1]
         assert text_of(third) == "echo: three"
@@ -179,7 +182,8 @@ async def test_pooled_sockets_are_refreshed_by_age(
     assert len(await open_ids(sim)) <= 2  # one pooled, at most one replacement under way
     async with connect() as ws:
         assert (await turn(ws))[-1]["type"] == "response.completed"
-        (session,) = gateway.node.sessions
+        (session,) = gateway.sessions
+        assert session.upstream is not None
         conn = session.upstream.conn
         assert conn is not None and conn.served == 1
         # Its age counts from its own handshake, and it was handed out young enough.

@@ -24,7 +24,7 @@ from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.client_proto import ResponseHandler
 from conftest import UPSTREAM_KEY, Connect, Gateway, Sim, create, recv, send, until_terminal
 
-from app import rawpath, upstreamlink
+from app import rawpath, upstream, upstreamlink
 from app.rawpath import RAW_MAX, RawForwarder
 from app.upstream import UpstreamConn
 
@@ -193,7 +193,8 @@ async def test_deltas_go_raw_through_the_gateway_and_arrive_whole(
             )
             done = next(e for e in events if e["type"] == "response.output_text.done")
             assert deltas == done["text"]
-        (session,) = gateway.node.sessions
+        (session,) = gateway.sessions
+        assert session.upstream is not None
         assert session.upstream.raw is not None
         # Most deltas: not the first event of a turn, not the inspected ones (created,
         # completed), nor those that came in one read behind one of those (order first).
@@ -206,7 +207,8 @@ async def test_raw_forwarding_off_takes_aiohttps_path(gateway: Gateway, connect:
         await send(ws, create(metadata={"sim_deltas": "30"}))
         events = await until_terminal(ws)
         assert events[-1]["type"] == "response.completed"
-        (session,) = gateway.node.sessions
+        (session,) = gateway.sessions
+        assert session.upstream is not None
         assert session.upstream.raw is None
 
 
@@ -309,7 +311,7 @@ async def test_a_session_whose_reader_lacks_its_queue_forwards_every_event_in_or
     fresh_refusals: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    opened = upstreamlink.open_upstream
+    opened = upstream.open_upstream
 
     async def open_without_queue(*args: Any, **kwargs: Any) -> UpstreamConn:
         conn = await opened(*args, **kwargs)
@@ -327,6 +329,7 @@ async def test_a_session_whose_reader_lacks_its_queue_forwards_every_event_in_or
             assert len(deltas) == 60
             done = next(e for e in events if e["type"] == "response.output_text.done")
             assert "".join(deltas) == done["text"]
-        (live,) = gateway.node.sessions
+        (live,) = gateway.sessions
+        assert live.upstream is not None
         assert live.upstream.raw is None  # aiohttp's path: the reader's queue could not be seen
     assert len(refusals(caplog)) == 1

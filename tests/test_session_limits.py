@@ -144,9 +144,10 @@ async def test_a_client_that_keeps_sending_is_not_idle(
             # Any client frame counts: turns, and `response.processed` acknowledgements.
             assert (await turn(ws))[-1]["type"] == "response.completed"
             turns += 1
-            await asyncio.sleep(0.4 * LIMIT)
+            # Gaps of a fifth of the limit: a loaded host may stall the loop for a while.
+            await asyncio.sleep(0.2 * LIMIT)
             await send(ws, {"type": "response.processed"})
-            await asyncio.sleep(0.4 * LIMIT)
+            await asyncio.sleep(0.2 * LIMIT)
         assert not ws.closed
         events, msg = await until_closed(ws)
     assert events == []
@@ -212,7 +213,7 @@ def test_defaults_are_an_hour_idle_and_a_day_of_life() -> None:
 async def test_zero_disables_both_limits(gateway: Gateway, connect: Connect) -> None:
     async with connect() as ws:
         assert (await turn(ws))[-1]["type"] == "response.completed"
-        (session,) = gateway.node.sessions
+        (session,) = gateway.sessions
         assert session._limits is None  # no timer at all
         await asyncio.sleep(4 * LIMIT)
         assert not ws.closed

@@ -37,6 +37,7 @@ async def test_deltas_go_raw_on_uvloop(gateway: Gateway, connect: Connect) -> No
         assert events[-1]["type"] == "response.completed"
         numbers = [e["sequence_number"] for e in events]
         assert numbers == list(range(len(events)))
-        (session,) = gateway.node.sessions
+        (session,) = gateway.sessions
+        assert session.upstream is not None
         raw = session.upstream.raw
         assert raw is not None and raw.forwarded > 30, raw
