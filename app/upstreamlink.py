@@ -322,13 +322,14 @@ class UpstreamLink:
             self._settle_memory(turn, verdict.chain, output if isinstance(output, list) else [])
             await self.owner.end_turn(turn, verdict.status, response=response)
             return True
-        return await self._on_error(conn, turn, event, received)
+        return await self._on_error(conn, turn, event, text, received)
 
     async def _on_error(
         self,
         conn: UpstreamConn | None,
         turn: Turn | None,
         event: dict[str, Any],
+        text: str,
         received: float,
     ) -> bool | None:
         found = event.get("error")
@@ -352,12 +353,13 @@ class UpstreamLink:
         patched = "status" not in event
         if patched:  # Codex hangs on an error without status (CONTRACT.md §3)
             event["status"] = turnpolicy.error_status(error)
+            text = orjson.dumps(event).decode()
         if turn is None:
-            return await self.client.send(orjson.dumps(event).decode()) if patched else None
+            return await self.client.send(text) if patched else None
         self._settle_memory(turn, verdict.chain)
         if code == NOT_FOUND and self.memory.was_dropped(previous):
             turn.memory_bound_exceeded = True
-        ok = await self._deliver(turn, orjson.dumps(event).decode(), received)
+        ok = await self._deliver(turn, text, received)  # unchanged unless patched
         metrics.count_error(str(code or "upstream_error"))
         await self.owner.end_turn(turn, verdict.status)
         return ok
