@@ -128,16 +128,17 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
 
         # Remove the secret's mapping behind the store's back (no version bump): the node keeps
         # answering from its cache, which proves the handshake made no round trip for it.
-        await here.redis.delete(here.k("secret", hash_secret(secret)))
+        await here.redis.delete(here.secret_entry(hash_secret(secret)))
         found, _ = await view.lookup_secret(secret)
         assert found is not None and found[0].id == key.id
 
         # A revocation on another node bumps the version: once the view has read it, the cache
-        # is stale and the secret is looked up again (and is gone here).
+        # is stale and the secret is looked up again (the write's follow-ups index the key's
+        # secrets again, so it is found, revoked).
         await elsewhere.revoke_key(key.id)
         assert await view.load()
         found, _ = await view.lookup_secret(secret)
-        assert found is None
+        assert found is not None and found[0].revoked_at is not None
 
         # A write through this node's own store makes its cache stale at once, before the view
         # has polled the new version.
@@ -154,7 +155,7 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
         key3, secret3 = await here.create_key("t")
         await view.load()
         await view.lookup_secret(secret3)
-        await here.redis.delete(here.k("secret", hash_secret(secret3)))
+        await here.redis.delete(here.secret_entry(hash_secret(secret3)))
         view.read_at -= 60
         assert (await view.lookup_secret(secret3))[0] is None
         assert key3.id
@@ -164,7 +165,7 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
 
 
 async def _window_size(store: KeyStore, key_id: str) -> int:
-    return int(await store.redis.zcard(store.k("rl", key_id)))
+    return int(await store.redis.zcard(store.rate_window(key_id)))
 
 
 async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
@@ -231,14 +232,14 @@ async def test_closed_sockets_give_back_their_slots_together_and_a_cap_waits_for
         for i in range(5):
             taken, _ = await store.acquire_socket(who, f"ws_{i}", 0, 0, {"id": f"ws_{i}"})
             assert taken
-        assert await store.redis.zcard(store.k("sessions")) == 5
+        assert await store.redis.zcard(store.sessions_index()) == 5
         for i in range(5):
             await store.release_socket(who, f"ws_{i}")
         # Queued, not sent: five closes become one call RELEASE_BATCH_SECONDS later.
-        assert await store.redis.zcard(store.k("sessions")) == 5
+        assert await store.redis.zcard(store.sessions_index()) == 5
         await asyncio.sleep(RELEASE_BATCH_SECONDS * 4)
-        assert await store.redis.zcard(store.k("sessions")) == 0
-        assert not await store.redis.exists(store.k("session", "ws_0"))
+        assert await store.redis.zcard(store.sessions_index()) == 0
+        assert not await store.redis.exists(store.session_record("ws_0"))
 
         # At a cap of one, a socket closed a moment ago does not refuse the next one: the
         # refused handshake gives back the node's waiting slots and asks again.
