@@ -42,7 +42,7 @@ import contextlib
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -53,7 +53,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, WatchError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, WatchError
 
 from app import ids, metrics
 from app.auth.principal import Principal, hash_secret, new_secret
@@ -61,6 +61,9 @@ from app.errors import Code, GatewayError, not_found
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
 
 _T = TypeVar("_T")
+# What a Redis call may raise; RedisClusterException (a Cluster none of whose nodes answers) is
+# not a RedisError.
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 LEASE_MS = 45_000
 LEASE_REFRESH_SECONDS = 15.0
@@ -392,11 +395,22 @@ class KeyStore:
             else:
                 async with asyncio.timeout(deadline):
                     result = await op
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _REDIS_ERRORS as exc:
             metrics.REDIS_UP.set(0)
             raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
         metrics.REDIS_UP.set(1)
         return result
+
+    @contextlib.asynccontextmanager
+    async def _pipeline(self, transaction: bool = False) -> AsyncIterator[Any]:
+        """A pipeline whose Redis errors become 503 `service_unavailable`, its start included
+        (a Cluster client learns the slots there and fails there when no node answers)."""
+        try:
+            async with self.redis.pipeline(transaction=transaction) as pipe:
+                yield pipe
+        except _REDIS_ERRORS as exc:
+            metrics.REDIS_UP.set(0)
+            raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
 
     async def ping(self) -> bool:
         try:
@@ -423,7 +437,7 @@ class KeyStore:
     async def version_and_pending(self) -> tuple[int, int]:
         """The version and how many admin writes wait for their follow-ups (`_settle`): one
         round trip to the `{g}` slot, what every node polls 4 times a second."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._pipeline(transaction=False) as pipe:
             pipe.get(self.g("version"))
             pipe.scard(self.g("pending"))
             raw, pending = await self._call(pipe.execute())
@@ -513,7 +527,7 @@ class KeyStore:
         async def attempts() -> _T:
             await self.redis.sadd(self.g("pending"), pending)
             for attempt in range(ADMIN_WRITE_TRIES):
-                async with self.redis.pipeline(transaction=True) as pipe:
+                async with self._pipeline(transaction=True) as pipe:
                     await pipe.watch(watched)
                     current = _b(await pipe.get(watched))
                     pipe.multi()
@@ -542,11 +556,11 @@ class KeyStore:
             raw = await self.redis.get(self.key_record(owner))
             key = ApiKey.model_validate_json(raw) if raw else None
             if key is not None:
-                async with self.redis.pipeline(transaction=False) as pipe:
+                async with self._pipeline(transaction=False) as pipe:
                     for digest in (key.secret_hash, *(o.hash for o in key.old_secrets)):
                         pipe.set(self.secret_entry(digest), key.id)
                     await pipe.execute()
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._pipeline(transaction=True) as pipe:
             if kind == "key":
                 pipe.sadd(self.g("keys"), owner)
                 if digest is not None:
@@ -667,13 +681,13 @@ class KeyStore:
     # Prices: one command each (HSET, HDEL) in MULTI with the version bump, so each is atomic
     # as it stands: no read decides what they write.
     async def set_price(self, model: str, price: Price) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._pipeline(transaction=True) as pipe:
             pipe.hset(self.g("catalog"), model, price.model_dump_json())
             self._bump(pipe)
             await self._call(pipe.execute())
 
     async def delete_price(self, model: str) -> bool:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._pipeline(transaction=True) as pipe:
             pipe.hdel(self.g("catalog"), model)
             self._bump(pipe)
             removed, _ = await self._call(pipe.execute())
@@ -688,7 +702,7 @@ class KeyStore:
         if await self._call(self.redis.exists(self.g("digests:complete"))):
             return
         for key in await self.list_keys():
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._pipeline(transaction=False) as pipe:
                 for digest in (key.secret_hash, *(o.hash for o in key.old_secrets)):
                     pipe.xadd(self.g("digests"), {"d": digest})
                 await self._call(pipe.execute())
@@ -697,7 +711,7 @@ class KeyStore:
     async def digests_after(self, last_id: str) -> tuple[bool, list[str], str]:
         """Whether the digest log is complete, and the digests logged after `last_id` with the
         id of the last one (up to DIGEST_PAGE; ask again while a full page comes back)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._pipeline(transaction=False) as pipe:
             pipe.exists(self.g("digests:complete"))
             pipe.xrange(self.g("digests"), min=f"({last_id}", count=DIGEST_PAGE)
             complete, entries = await self._call(pipe.execute(), HANDSHAKE_DEADLINE_SECONDS)
@@ -739,7 +753,7 @@ class KeyStore:
         for model, price in (await self._call(self.redis.hgetall(self.k("catalog")))).items():
             copied += int(await self._call(self.redis.hsetnx(self.g("catalog"), model, price)))
         old_version = int(await self._call(self.redis.get(self.k("version"))) or 0)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._pipeline(transaction=True) as pipe:
             pipe.incrby(self.g("version"), old_version + 1)  # past anything a node has seen
             pipe.set(self.g("layout"), 2)
             await self._call(pipe.execute())
@@ -862,7 +876,7 @@ class KeyStore:
         returned = [(k, s) for k, s in returned if s.members]
         if not returned:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._pipeline(transaction=False) as pipe:
             for key_id, spares in returned:
                 pipe.zrem(self.rate_window(key_id), *spares.members)
             await self._call(pipe.execute(), RATE_LIMIT_DEADLINE_SECONDS * 4)
@@ -876,7 +890,7 @@ class KeyStore:
         if not sessions:
             return
         deadline = int(time.time() * 1000) + LEASE_MS
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._pipeline(transaction=False) as pipe:
             for principal, socket_id, info in sessions:
                 pipe.zadd(self.key_slots(principal.key_id), {socket_id: deadline}, xx=True)
                 pipe.zadd(self.team_slots(principal.team_id), {socket_id: deadline}, xx=True)
@@ -946,7 +960,7 @@ class KeyStore:
         # flush was already dropped from the batch by release_socket.)
         records = list(batch.items())
         for start in range(0, len(records), SESSION_INFO_CHUNK):  # never one huge pipeline
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._pipeline(transaction=False) as pipe:
                 for socket_id, record in records[start : start + SESSION_INFO_CHUNK]:
                     pipe.set(self.session_record(socket_id), record, px=LEASE_MS, xx=True)
                 await self._call(pipe.execute())

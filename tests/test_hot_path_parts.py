@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import WSMsgType
-from conftest import Connect, Gateway, Tenant, recv
+from conftest import REDIS_CLUSTER, Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import ConnectionPool
 
@@ -117,7 +117,10 @@ def test_secrets_compare_by_hash_and_old_secrets_end_with_their_grace() -> None:
 async def test_a_cached_secret_lasts_only_while_the_version_stands(
     redis_url: str, redis_prefix: str
 ) -> None:
-    here, elsewhere = KeyStore(redis_url, redis_prefix), KeyStore(redis_url, redis_prefix)
+    here, elsewhere = (
+        KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER),
+        KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER),
+    )
     view = NodeView(here)
     try:
         await here.put_team(Team(id="t", name="t", allowed_models=["openai/*"]))
@@ -171,7 +174,7 @@ async def _window_size(store: KeyStore, key_id: str) -> int:
 async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
     redis_url: str, redis_prefix: str
 ) -> None:
-    store = KeyStore(redis_url, redis_prefix)
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     try:
         limit = 1000
         spares = min(limit // 20, RATE_SPARES)
@@ -194,7 +197,7 @@ async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
 
 async def test_nodes_together_never_pass_the_limit(redis_url: str, redis_prefix: str) -> None:
     for limit in (40, 100, 7):
-        nodes = [KeyStore(redis_url, redis_prefix) for _ in range(3)]
+        nodes = [KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER) for _ in range(3)]
         key_id = f"k{limit}"
         try:
             accepted = 0
@@ -213,10 +216,10 @@ async def test_nodes_together_never_pass_the_limit(redis_url: str, redis_prefix:
 async def test_spares_are_given_back_when_the_store_closes(
     redis_url: str, redis_prefix: str
 ) -> None:
-    store = KeyStore(redis_url, redis_prefix)
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     assert await store.allow_response("k", 1000)
     await store.close()
-    other = KeyStore(redis_url, redis_prefix)
+    other = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     try:
         assert await _window_size(other, "k") == 1
     finally:
@@ -226,7 +229,7 @@ async def test_spares_are_given_back_when_the_store_closes(
 async def test_closed_sockets_give_back_their_slots_together_and_a_cap_waits_for_none(
     redis_url: str, redis_prefix: str
 ) -> None:
-    store = KeyStore(redis_url, redis_prefix)
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     try:
         who = Principal(key_id="key_1", key_prefix="sk-gw-1", team_id="t", secret_hash="h")
         for i in range(5):

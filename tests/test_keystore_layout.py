@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import aiohttp
 import pytest
-from conftest import Gateway, make_tenant
+from conftest import REDIS_CLUSTER, Gateway, make_tenant
 
 from app.auth.principal import Principal, hash_secret
 from app.keystore import LEASE_MS, KeyStore
@@ -22,7 +22,7 @@ from app.view import NodeView
 
 @pytest.fixture
 async def store(redis_url: str, redis_prefix: str) -> AsyncIterator[KeyStore]:
-    store = KeyStore(redis_url, redis_prefix)
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     try:
         yield store
     finally:
@@ -112,7 +112,7 @@ async def test_an_admin_write_cut_short_is_finished_by_any_node(
 ) -> None:
     await store.put_team(Team(id="t", name="t", allowed_models=["openai/*"]))
     key, secret = await store.create_key("t")
-    other = KeyStore(redis_url, redis_prefix)
+    other = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     view = NodeView(other)
     try:
         await view.load()
