@@ -61,6 +61,16 @@ lint: venv
 test: deps venv lint
 	$(BIN)/pytest -q -p no:cacheprovider -rfEs
 
+# The key store's tests again on a throwaway six-node Redis Cluster (tests/services.py); about
+# a minute, the cluster's start included.
+CLUSTER_TESTS = tests/test_ws_handshake.py tests/test_admin_api.py tests/test_admin_live.py \
+	tests/test_admin_races.py tests/test_session_limits.py tests/test_hot_path_parts.py \
+	tests/test_guard.py tests/test_secrets.py tests/test_keystore_layout.py
+
+.PHONY: test-cluster
+test-cluster: venv
+	TEST_REDIS_TOPOLOGY=cluster $(BIN)/pytest -q -p no:cacheprovider -rfEs $(CLUSTER_TESTS)
+
 .PHONY: run
 run: deps venv
 	bash scripts/services.sh ensure

@@ -49,7 +49,11 @@ class DatabaseSettings(_Base):
 class RedisSettings(_Base):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
     # Namespaces every key and channel, so several deployments (or test runs) share one Redis.
-    redis_prefix: str = Field(default="gw", alias="GATEWAY_REDIS_PREFIX", min_length=1)
+    redis_prefix: str = Field(
+        default="gw", alias="GATEWAY_REDIS_PREFIX", min_length=1, pattern=r"^[^{}]+$"
+    )  # no braces: the key layout's hash tags follow it (app/keystore.py)
+    # REDIS_URL is one seed node of a Redis Cluster; the client learns the rest from it.
+    redis_cluster: bool = Field(default=False, alias="GATEWAY_REDIS_CLUSTER")
 
     @field_validator("redis_url")
     @classmethod

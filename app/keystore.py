@@ -1,26 +1,38 @@
 """The key store: the only module that talks to Redis.
 
-Redis layout (every key and channel under the configured prefix `P`):
+Redis layout (every key under the configured prefix `P`; the same names on one server and on a
+Redis Cluster). A Cluster runs a script or a MULTI only when all its keys share a hash slot, so
+each owner's keys share a `{hash tag}`: a key's in `{k:<key id>}`, a team's in `{t:<team id>}`,
+the store-wide singletons in `{g}`; what one command touches alone needs none.
 
-- `P:team:<id>` (JSON Team) and the set `P:teams`: teams, until replaced.
-- `P:key:<id>` (JSON ApiKey, holding only the secret's SHA-256) and the set `P:keys`: kept after
-  revocation, to answer `api_key_revoked`.
-- `P:secret:<sha256>` → key id, for current and rotated secrets (old ones answer `api_key_expired`).
-- `P:digests` (stream, field `d`): the SHA-256 of every secret ever issued, appended by the write
-  that issues it; `P:digests:complete` once keys from before the stream are in it
-  (app/auth/digests.py `KnownDigests`: the failed-authentication limit's way to tell a valid
-  key without a lookup).
-- `P:catalog`: hash `openai/<model>` → JSON Price.
-- `P:version`: bumped by every admin write; nodes poll it to refresh their view (≤ 0.25 s).
-- `P:rl:<key id>`: sorted set of accepted turns in the last 60 s; expires 61 s after the last.
-- `P:slots:key:<id>`, `P:slots:team:<id>`, `P:sessions`: sorted sets socket id → lease deadline
+- `P:{t:<id>}:team` (JSON Team), `P:{t:<id>}:slots` (its sockets' slots); `P:{g}:teams`, the set
+  of team ids.
+- `P:{k:<id>}:key` (JSON ApiKey, holding only the secret's SHA-256), `P:{k:<id>}:slots`,
+  `P:{k:<id>}:rl`; `P:{g}:keys`, the set of key ids. Kept after revocation, to answer
+  `api_key_revoked`.
+- `P:secret:<sha256>` → key id, for current and rotated secrets (old ones answer
+  `api_key_expired`). The digest does not tell its key before the lookup, so this entry stays
+  untagged and a lookup takes two round trips (the secret's entry with the version, then the
+  key's record); a node's cached secrets skip both (NodeView.lookup_secret).
+- `P:{g}:digests` (stream, field `d`): the SHA-256 of every secret ever issued, appended by the
+  write that issues it; `P:{g}:digests:complete` once keys from before the stream are in it
+  (app/auth/digests.py `KnownDigests`).
+- `P:{g}:catalog`: hash `openai/<model>` → JSON Price.
+- `P:{g}:version`: bumped by every admin write; nodes poll it to refresh their view (≤ 0.25 s).
+- `P:{g}:pending`: set of records (`key:<id>`, `team:<id>`) whose admin write has changed the
+  record but may not have finished its follow-ups (`_settle`); any node completes them.
+- `P:{g}:layout`: `2` once the names before hash tags were copied over (`migrate_layout`).
+- `P:{k:<id>}:rl`: sorted set of accepted turns in the last 60 s; expires 61 s after the last.
+- `P:{k:<id>}:slots`, `P:{t:<id>}:slots`, `P:sessions`: sorted sets socket id → lease deadline
   (ms); leases are 45 s, refreshed every 15 s, so a dead node's slots lapse within a minute.
 - `P:session:<socket id>` (JSON): what `GET /admin/v1/sessions` shows; 45 s, refreshed, and
   rewritten within SESSION_INFO_BATCH_SECONDS of a turn's end (its model and turn count).
 
-Races: socket caps are checked and taken in one Lua script (two nodes cannot both take the last
-slot); rate-limit windows likewise; admin writes that read a record first run under WATCH and
-MULTI/EXEC (`KeyStore._transaction`). Redis errors become `GatewayError(service_unavailable)` here.
+Races: a socket's key slot and team slot are each checked and taken by a script on its own slot,
+sent together, and a refusal of either gives both back (`acquire_socket`); rate-limit windows
+are one script on the key's slot; admin writes that read a record first run under WATCH and
+MULTI/EXEC on that record's slot, then finish on `{g}` (`_transaction`). Redis errors become
+`GatewayError(service_unavailable)` here.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import contextlib
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -41,7 +53,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, WatchError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, WatchError
 
 from app import ids, metrics
 from app.auth.principal import Principal, hash_secret, new_secret
@@ -49,6 +61,9 @@ from app.errors import Code, GatewayError, not_found
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
 
 _T = TypeVar("_T")
+# What a Redis call may raise; RedisClusterException (a Cluster none of whose nodes answers) is
+# not a RedisError.
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 LEASE_MS = 45_000
 LEASE_REFRESH_SECONDS = 15.0
@@ -78,41 +93,26 @@ ADMIN_WRITE_TRIES = 50
 # Entries of the digest log read per round trip (KnownDigests).
 DIGEST_PAGE = 10_000
 
-# Check both caps, then take both slots and register the session, atomically and in the
-# handshake's one round trip; with the store's version, so a handshake that used a cached secret
-# learns whether anything changed since. KEYS: key slots, team slots, sessions, session record,
-# version. ARGV: now_ms, lease_deadline_ms, socket_id, key_cap, team_cap (0 = unlimited), record.
-# Returns {1 or 0 (taken), version}.
-_ACQUIRE = """
-local version = redis.call('GET', KEYS[5]) or '0'
-local kcap = tonumber(ARGV[4])
-local tcap = tonumber(ARGV[5])
-if kcap > 0 or tcap > 0 then
+# One socket slot of one owner (a key or a team): check its cap and take a slot, atomically on
+# the owner's hash slot, so two nodes cannot both take the last one. KEYS: the owner's slots.
+# ARGV: now_ms, lease_deadline_ms, socket_id, cap (0 = unlimited: the slot is taken unchecked, so
+# a cap set later counts the sockets already open). Returns 1 (taken) or 0 (refused).
+#
+# A socket takes its key's slot and its team's slot with two of these, sent in one round trip
+# with its session record (`acquire_socket`); a Cluster cannot run one script over both owners.
+# Compensation: when either refuses, the socket is released at once (`_release_commands`: ZREM
+# from both slot sets, its record deleted), so the set that took it is back to what it was. A
+# node that dies between the take and the release leaves a slot whose 45 s lease lapses
+# (LEASE_MS), so within a minute as CONTRACT.md §4 asks.
+_TAKE_SLOT = """
+local cap = tonumber(ARGV[4])
+if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-  if kcap > 0 and redis.call('ZCARD', KEYS[1]) >= kcap then return {0, version} end
-  if tcap > 0 and redis.call('ZCARD', KEYS[2]) >= tcap then return {0, version} end
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], 60000)
-  redis.call('PEXPIRE', KEYS[2], 60000)
+  if redis.call('ZCARD', KEYS[1]) >= cap then return 0 end
 end
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[2] - ARGV[1])
-return {1, version}
-"""
-# Sockets' ends: their slots and session records go, several sockets in one call (`_Releases`).
-# KEYS: sessions, then for socket i its key slots, team slots and session record.
-# ARGV: the socket ids.
-_RELEASE = """
-for i = 1, #ARGV do
-  local base = 3 * (i - 1) + 1
-  redis.call('ZREM', KEYS[base + 1], ARGV[i])
-  redis.call('ZREM', KEYS[base + 2], ARGV[i])
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('DEL', KEYS[base + 3])
-end
-return #ARGV
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], 60000)
+return 1
 """
 # Sliding 60 s window. KEYS: window. ARGV: now_ms, limit, member, spares wanted, the window size
 # spares may fill it up to, then members to remove first (this node's unused spares). Returns
@@ -140,15 +140,6 @@ end
 redis.call('PEXPIRE', KEYS[1], 61000)
 return {1, got}
 """
-# One round trip from a secret's hash to its key record.
-# One round trip from a secret's hash to its key record, with the store's version, so a
-# handshake refreshes the node's view only when something changed. KEYS: secret, version.
-_LOOKUP = """
-local version = redis.call('GET', KEYS[2]) or '0'
-local id = redis.call('GET', KEYS[1])
-if not id then return {false, version} end
-return {redis.call('GET', ARGV[1] .. id), version}
-"""
 
 
 class _Spares:
@@ -159,6 +150,10 @@ class _Spares:
     def __init__(self, members: list[str], taken_at: float) -> None:
         self.members = members  # their names in the window's sorted set
         self.taken_at = taken_at  # time.monotonic()
+
+
+# A batched call: its script (None: a plain command), its arguments, its caller's future.
+_Call = tuple[AsyncScript | None, tuple[Any, ...], "asyncio.Future[Any]"]
 
 
 class _Batcher:
@@ -172,19 +167,29 @@ class _Batcher:
     Redis that lost them (a restart) answers NOSCRIPT, and they are loaded and the batch's
     refused calls sent again, once. One batch is in flight at a time: calls made meanwhile wait
     for it (one round trip at most) and go together in the next, so the busier the node, the
-    larger the batches.
+    larger the batches. Plain commands (`command`) share the batches too.
+
+    On a Cluster the pipeline is redis-py's ClusterPipeline: it sends each command (EVALSHA
+    included, routed by its first key) to the node owning its slot, one pipeline per node in
+    parallel, and follows MOVED/ASK; every script here keeps its keys on one slot.
     """
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: Any) -> None:
         self._redis = redis
-        self._queue: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._queue: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending = False
 
     def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        return self._queued(script, (len(keys), *keys, *args))
+
+    def command(self, *args: Any) -> asyncio.Future[Any]:
+        return self._queued(None, args)
+
+    def _queued(self, script: AsyncScript | None, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((script, keys, args, future))
+        self._queue.append((script, args, future))
         if len(self._queue) == 1 and not self._sending:
             loop.call_soon(self._flush)  # after the callbacks already due in this turn
         return future
@@ -203,15 +208,14 @@ class _Batcher:
         self._sending = False
         self._flush()  # what queued up meanwhile
 
-    async def _send(
-        self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _send(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute(batch)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
                 for script in {id(batch[i][0]): batch[i][0] for i in missing}.values():
-                    script.sha = await self._redis.script_load(script.script)
+                    if script is not None:
+                        script.sha = await self._load(script.script)
                 again = await self._execute([batch[i] for i in missing])
                 for i, result in zip(missing, again, strict=True):
                     results[i] = result
@@ -228,12 +232,17 @@ class _Batcher:
             else:
                 future.set_result(result)
 
-    async def _execute(
-        self, batch: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
-    ) -> list[Any]:
+    async def _load(self, script: Any) -> str:
+        """Load a script (on a Cluster: on every primary, where SCRIPT LOAD goes by default)."""
+        return str(await self._redis.script_load(script))
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for script, keys, args, _future in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            for script, args, _future in batch:
+                if script is None:
+                    pipe.execute_command(*args)
+                else:
+                    pipe.evalsha(script.sha, *args)
             return list(await pipe.execute(raise_on_error=False))
 
     async def close(self) -> None:
@@ -276,8 +285,25 @@ def _hiredis_packing(pool: aioredis.ConnectionPool) -> None:
     pool.connection_class = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
 
 
+def _cluster_client(redis_url: str) -> Any:
+    """A Redis Cluster client from one seed node's URL: it learns the slots' owners from the
+    seed and learns them again on MOVED (a failover, a resharding). Same deadlines as the single
+    server's pool (KeyStore.__init__)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return RedisCluster.from_url(
+        redis_url,
+        socket_timeout=HANDSHAKE_DEADLINE_SECONDS,
+        socket_connect_timeout=HANDSHAKE_DEADLINE_SECONDS,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 6),
+        max_connections=64,
+    )
+
+
 class KeyStore:
-    def __init__(self, redis_url: str, prefix: str, *, pool_size: int = 64) -> None:
+    def __init__(
+        self, redis_url: str, prefix: str, *, pool_size: int = 64, cluster: bool = False
+    ) -> None:
         self.prefix = prefix
         # A hung Redis answers nothing: each call gives up after HANDSHAKE_DEADLINE_SECONDS (the
         # client's own read timeout, not retried; an `asyncio.timeout` around every call cost
@@ -298,11 +324,12 @@ class KeyStore:
             health_check_interval=30,
         )
         _hiredis_packing(pool)
-        self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
-        self._acquire = self.redis.register_script(_ACQUIRE)
+        self.redis: Any = aioredis.Redis(connection_pool=pool)
+        self.cluster = cluster
+        if cluster:  # the pool above never connected
+            self.redis = _cluster_client(redis_url)
+        self._take_slot = self.redis.register_script(_TAKE_SLOT)
         self._rate = self.redis.register_script(_RATE)
-        self._lookup = self.redis.register_script(_LOOKUP)
-        self._release = self.redis.register_script(_RELEASE)
         self._batch = _Batcher(self.redis)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
@@ -314,8 +341,39 @@ class KeyStore:
         self._spares: dict[str, _Spares] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
+    # -- names (the layout in the module's docstring) ----------------------------------------
+
     def k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+    def g(self, name: str) -> str:
+        """A store-wide singleton: all of them on the `{g}` slot, so a price write and the
+        version bump, or an admin write's follow-ups, are one MULTI."""
+        return f"{self.prefix}:{{g}}:{name}"
+
+    def key_record(self, key_id: str) -> str:
+        return f"{self.prefix}:{{k:{key_id}}}:key"
+
+    def key_slots(self, key_id: str) -> str:
+        return f"{self.prefix}:{{k:{key_id}}}:slots"
+
+    def rate_window(self, key_id: str) -> str:
+        return f"{self.prefix}:{{k:{key_id}}}:rl"
+
+    def team_record(self, team_id: str) -> str:
+        return f"{self.prefix}:{{t:{team_id}}}:team"
+
+    def team_slots(self, team_id: str) -> str:
+        return f"{self.prefix}:{{t:{team_id}}}:slots"
+
+    def secret_entry(self, digest: str) -> str:
+        return self.k("secret", digest)
+
+    def sessions_index(self) -> str:
+        return self.k("sessions")
+
+    def session_record(self, socket_id: str) -> str:
+        return self.k("session", socket_id)
 
     async def close(self) -> None:
         await _cancelled(self._sweeper)
@@ -337,11 +395,22 @@ class KeyStore:
             else:
                 async with asyncio.timeout(deadline):
                     result = await op
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _REDIS_ERRORS as exc:
             metrics.REDIS_UP.set(0)
             raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
         metrics.REDIS_UP.set(1)
         return result
+
+    @contextlib.asynccontextmanager
+    async def _pipeline(self, transaction: bool = False) -> AsyncIterator[Any]:
+        """A pipeline whose Redis errors become 503 `service_unavailable`, its start included
+        (a Cluster client learns the slots there and fails there when no node answers)."""
+        try:
+            async with self.redis.pipeline(transaction=transaction) as pipe:
+                yield pipe
+        except _REDIS_ERRORS as exc:
+            metrics.REDIS_UP.set(0)
+            raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
 
     async def ping(self) -> bool:
         try:
@@ -350,86 +419,126 @@ class KeyStore:
             return False
         return True
 
+    async def _mget(self, names: list[str]) -> list[bytes | None]:
+        """GET of many keys: one MGET on one server; on a Cluster, where an MGET over several
+        slots is refused (CROSSSLOT), one per node, in parallel."""
+        if not names:
+            return []
+        if self.cluster:
+            return list(await self.redis.mget_nonatomic(names))
+        return list(await self.redis.mget(names))
+
     # -- reads -------------------------------------------------------------------------------
 
     async def version(self) -> int:
-        raw = await self._call(self.redis.get(self.k("version")))
-        return int(raw or 0)
+        version, _pending = await self.version_and_pending()
+        return version
+
+    async def version_and_pending(self) -> tuple[int, int]:
+        """The version and how many admin writes wait for their follow-ups (`_settle`): one
+        round trip to the `{g}` slot, what every node polls 4 times a second."""
+        async with self._pipeline(transaction=False) as pipe:
+            pipe.get(self.g("version"))
+            pipe.scard(self.g("pending"))
+            raw, pending = await self._call(pipe.execute())
+        return int(raw or 0), int(pending)
 
     async def get_team(self, team_id: str) -> Team | None:
-        raw = await self._call(self.redis.get(self.k("team", team_id)))
+        raw = await self._call(self.redis.get(self.team_record(team_id)))
         return Team.model_validate_json(raw) if raw else None
 
     async def list_teams(self) -> list[Team]:
-        ids = sorted(await self._call(self.redis.smembers(self.k("teams"))))
-        if not ids:
-            return []
-        raws = await self._call(self.redis.mget([self.k("team", _s(i)) for i in ids]))
+        ids = sorted(_s(i) for i in await self._call(self.redis.smembers(self.g("teams"))))
+        raws = await self._call(self._mget([self.team_record(i) for i in ids]))
         return [Team.model_validate_json(r) for r in raws if r]
 
     async def get_key(self, key_id: str) -> ApiKey | None:
-        raw = await self._call(self.redis.get(self.k("key", key_id)))
+        raw = await self._call(self.redis.get(self.key_record(key_id)))
         return ApiKey.model_validate_json(raw) if raw else None
 
     async def get_keys(self, key_ids: Iterable[str]) -> dict[str, ApiKey]:
         ids = list(key_ids)
-        if not ids:
-            return {}
-        raws = await self._call(self.redis.mget([self.k("key", i) for i in ids]))
+        raws = await self._call(self._mget([self.key_record(i) for i in ids]))
         return {i: ApiKey.model_validate_json(r) for i, r in zip(ids, raws, strict=True) if r}
 
     async def list_keys(self, team_id: str | None = None) -> list[ApiKey]:
-        ids = sorted(_s(i) for i in await self._call(self.redis.smembers(self.k("keys"))))
+        ids = sorted(_s(i) for i in await self._call(self.redis.smembers(self.g("keys"))))
         keys = (await self.get_keys(ids)).values()
         return [k for k in keys if team_id is None or k.team_id == team_id]
 
     async def catalog(self) -> dict[str, Price]:
-        raw = await self._call(self.redis.hgetall(self.k("catalog")))
+        raw = await self._call(self.redis.hgetall(self.g("catalog")))
         return {_s(m): Price.model_validate_json(p) for m, p in raw.items()}
 
     async def lookup_digest(self, digest: str) -> tuple[ApiKey | None, int]:
-        """The key whose secret hashes to `digest`, and the store's version."""
+        """The key whose secret hashes to `digest`, and the store's version read before it.
+
+        Two round trips (batched with other handshakes'): the secret's entry and the version,
+        then the key's record. The version is read first, so a write that lands after it bumps
+        it past what this returns and the handshake's cached secret goes stale."""
         self.lookups += 1
-        raw, version = await self._call(
-            self._batch.call(
-                self._lookup, [self.k("secret", digest), self.k("version")], [self.k("key", "")]
-            ),
-        )
-        return (ApiKey.model_validate_json(raw) if raw else None), int(version)
+        version_f = self._batch.command("GET", self.g("version"))
+        id_f = self._batch.command("GET", self.secret_entry(digest))
+        version, key_id = await self._call(asyncio.gather(version_f, id_f))
+        if not key_id:
+            return None, int(version or 0)
+        raw = await self._call(self._batch.command("GET", self.key_record(_s(key_id))))
+        return (ApiKey.model_validate_json(raw) if raw else None), int(version or 0)
 
     # -- writes (admin) ----------------------------------------------------------------------
     #
     # The race: two admins (or two nodes) read a record, change it and write it back; the
     # later write wins and the earlier one is lost (a revocation undone by a rotation that
-    # read the key before it). Each write below runs under WATCH on the records it reads, and
-    # MULTI/EXEC fails when any of them changed in between; then it reads again and decides
-    # again (a rotation that now sees the revocation refuses). So concurrent writes end as
-    # some serial order of those that answered (CONTRACT.md §4).
+    # read the key before it). Each write below runs under WATCH on the record it reads, and
+    # MULTI/EXEC fails when it changed in between; then it reads again and decides again (a
+    # rotation that now sees the revocation refuses). So concurrent writes end as some serial
+    # order of those that answered (CONTRACT.md §4).
+    #
+    # A Cluster refuses a MULTI over several slots, and a record, its secret's entry, the sets
+    # of ids and the version live on different ones. So a write is four steps, in this order:
+    #   1. SADD `P:{g}:pending` `key:<id>` (or `team:<id>`): the record may now change;
+    #   2. WATCH/MULTI/EXEC on the record's slot: the record alone (the decision);
+    #   3. SET `P:secret:<sha>` → id for the record's secrets (idempotent);
+    #   4. MULTI on `{g}`: SADD to `keys`/`teams`, XADD the new digest, SREM the pending entry,
+    #      INCR the version (nodes reload, drop cached secrets and sweep live sockets).
+    # Failure between steps: the call answers 503 and the pending entry stays. Every node's
+    # view polls SCARD `pending` with the version (same slot, same round trip) and while it is
+    # non-zero runs `settle_pending`, which redoes 3 and 4 from the record as stored: so a
+    # revocation whose version bump was lost still reaches every node within a poll or two of
+    # Redis answering again, whichever node (or none) made it. A record in the id set whose
+    # record is missing (a create that failed at 2) is skipped by the listings.
 
     def _bump(self, pipe: Any) -> None:
         self.writes += 1
-        pipe.incr(self.k("version"))
+        pipe.incr(self.g("version"))
 
     async def _transaction(
-        self, watched: list[str], write: Callable[[list[bytes | None], Any], _T]
+        self,
+        watched: str,
+        pending: str,
+        write: Callable[[bytes | None, Any], _T],
+        issued: Callable[[_T], str | None] = lambda _result: None,
     ) -> _T:
-        """Read `watched` under WATCH, let `write` queue its commands (or raise to refuse) and
-        commit them with the version bump; read and decide again when a watched record changed
-        meanwhile. Redis' errors become 503 `service_unavailable`."""
+        """Read `watched` (one record) under WATCH, let `write` queue its commands (or raise
+        to refuse) and commit them; read and decide again when the record changed meanwhile.
+        Then its follow-ups (`_settle`), logging the digest `issued(result)` names, if any.
+        Redis' errors become 503 `service_unavailable`."""
 
         async def attempts() -> _T:
+            await self.redis.sadd(self.g("pending"), pending)
             for attempt in range(ADMIN_WRITE_TRIES):
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    await pipe.watch(*watched)
-                    current = [_b(v) for v in await pipe.mget(watched)]
-                    pipe.multi()  # type: ignore[no-untyped-call]
+                async with self._pipeline(transaction=True) as pipe:
+                    await pipe.watch(watched)
+                    current = _b(await pipe.get(watched))
+                    pipe.multi()
                     result = write(current, pipe)
-                    self._bump(pipe)
+                    self.writes += 1  # this node's cached secrets are stale from here on
                     try:
                         await pipe.execute()
                     except WatchError:
                         await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
                         continue
+                    await self._settle(pending, issued(result))
                     return result
             raise GatewayError(
                 Code.SERVICE_UNAVAILABLE, "Too many concurrent admin writes to one record; retry."
@@ -437,32 +546,58 @@ class KeyStore:
 
         return await self._call(attempts())
 
+    async def _settle(self, pending: str, digest: str | None) -> None:
+        """Steps 3 and 4 of an admin write (above) for one pending record, from the record as
+        stored now: idempotent, so any node may run it any number of times. `digest`: a secret
+        the write issued, for the digest log."""
+        kind, _, owner = pending.partition(":")
+        key: ApiKey | None = None
+        if kind == "key":
+            raw = await self.redis.get(self.key_record(owner))
+            key = ApiKey.model_validate_json(raw) if raw else None
+            if key is not None:
+                async with self._pipeline(transaction=False) as pipe:
+                    for digest in (key.secret_hash, *(o.hash for o in key.old_secrets)):
+                        pipe.set(self.secret_entry(digest), key.id)
+                    await pipe.execute()
+        async with self._pipeline(transaction=True) as pipe:
+            if kind == "key":
+                pipe.sadd(self.g("keys"), owner)
+                if digest is not None:
+                    pipe.xadd(self.g("digests"), {"d": digest})
+            elif kind == "team":
+                pipe.sadd(self.g("teams"), owner)
+            pipe.srem(self.g("pending"), pending)
+            self._bump(pipe)
+            await pipe.execute()
+
+    async def settle_pending(self) -> None:
+        """Finish the admin writes whose follow-ups were cut short (a node died, Redis failed
+        between steps); NodeView calls this while `P:{g}:pending` is not empty."""
+        for pending in await self._call(self.redis.smembers(self.g("pending"))):
+            kind, _, owner = _s(pending).partition(":")
+            # The write may have issued a secret: log the record's (a digest twice is harmless).
+            key = await self.get_key(owner) if kind == "key" else None
+            await self._call(self._settle(_s(pending), key.secret_hash if key else None))
+
     async def update_team(
         self, team_id: str, change: Callable[[Team | None], Team]
     ) -> tuple[Team, Team | None]:
         """Write `change(the team as stored, or None)`, atomically against every other admin
         write; the team written and the one it replaced."""
 
-        def write(current: list[bytes | None], pipe: Any) -> tuple[Team, Team | None]:
-            before = Team.model_validate_json(current[0]) if current[0] else None
+        def write(current: bytes | None, pipe: Any) -> tuple[Team, Team | None]:
+            before = Team.model_validate_json(current) if current else None
             team = change(before)
-            pipe.sadd(self.k("teams"), team.id)
-            pipe.set(self.k("team", team.id), team.model_dump_json())
+            pipe.set(self.team_record(team.id), team.model_dump_json())
             return team, before
 
-        return await self._transaction([self.k("team", team_id)], write)
+        return await self._transaction(self.team_record(team_id), f"team:{team_id}", write)
 
     async def put_team(self, team: Team) -> bool:
         """Create or replace a whole team; True when it was created."""
         _team, before = await self.update_team(team.id, lambda _current: team)
         return before is None
-
-    def _write_key(self, pipe: Any, key: ApiKey, before: ApiKey | None) -> None:
-        pipe.sadd(self.k("keys"), key.id)
-        pipe.set(self.k("key", key.id), key.model_dump_json())
-        if before is None or key.secret_hash != before.secret_hash:
-            pipe.set(self.k("secret", key.secret_hash), key.id)
-            pipe.xadd(self.k("digests"), {"d": key.secret_hash})
 
     async def update_key(
         self, key_id: str, change: Callable[[ApiKey | None], ApiKey]
@@ -470,13 +605,17 @@ class KeyStore:
         """Write `change(the key as stored, or None)`, atomically against every other admin
         write; the key written and the one it replaced. A new secret is indexed."""
 
-        def write(current: list[bytes | None], pipe: Any) -> tuple[ApiKey, ApiKey | None]:
-            before = ApiKey.model_validate_json(current[0]) if current[0] else None
+        def write(current: bytes | None, pipe: Any) -> tuple[ApiKey, ApiKey | None]:
+            before = ApiKey.model_validate_json(current) if current else None
             key = change(before)
-            self._write_key(pipe, key, before)
+            pipe.set(self.key_record(key.id), key.model_dump_json())
             return key, before
 
-        return await self._transaction([self.k("key", key_id)], write)
+        def issued(result: tuple[ApiKey, ApiKey | None]) -> str | None:
+            key, before = result
+            return None if before and before.secret_hash == key.secret_hash else key.secret_hash
+
+        return await self._transaction(self.key_record(key_id), f"key:{key_id}", write, issued)
 
     async def put_key(self, key: ApiKey) -> None:
         """Write a whole key record (its secret indexed)."""
@@ -485,7 +624,12 @@ class KeyStore:
     async def create_key(
         self, team_id: str, name: str = "", expires_at: datetime | None = None
     ) -> tuple[ApiKey, str]:
-        """A new key of an existing team (404 `not_found`, `param: team_id`, otherwise)."""
+        """A new key of an existing team (404 `not_found`, `param: team_id`, otherwise).
+
+        The team is read, not watched (it is on another slot): teams are never deleted, so a
+        team seen to exist still does when the key is written."""
+        if await self.get_team(team_id) is None:
+            raise not_found("team", team_id, "team_id")
         secret, prefix = new_secret()
         key = ApiKey(
             id="key_" + secrets.token_hex(8),
@@ -496,15 +640,8 @@ class KeyStore:
             expires_at=expires_at,
             secret_hash=hash_secret(secret),
         )
-
-        def write(current: list[bytes | None], pipe: Any) -> ApiKey:
-            if current[1] is None:
-                raise not_found("team", team_id, "team_id")
-            self._write_key(pipe, key, None)
-            return key
-
-        watched = [self.k("key", key.id), self.k("team", team_id)]
-        return await self._transaction(watched, write), secret
+        await self.put_key(key)
+        return key, secret
 
     async def rotate_key(self, key_id: str, grace_seconds: int) -> tuple[ApiKey, ApiKey, str]:
         """A new secret for the key; the current one keeps working for `grace_seconds`. The
@@ -544,14 +681,14 @@ class KeyStore:
     # Prices: one command each (HSET, HDEL) in MULTI with the version bump, so each is atomic
     # as it stands: no read decides what they write.
     async def set_price(self, model: str, price: Price) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.k("catalog"), model, price.model_dump_json())
+        async with self._pipeline(transaction=True) as pipe:
+            pipe.hset(self.g("catalog"), model, price.model_dump_json())
             self._bump(pipe)
             await self._call(pipe.execute())
 
     async def delete_price(self, model: str) -> bool:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.k("catalog"), model)
+        async with self._pipeline(transaction=True) as pipe:
+            pipe.hdel(self.g("catalog"), model)
             self._bump(pipe)
             removed, _ = await self._call(pipe.execute())
         return bool(removed)
@@ -562,26 +699,65 @@ class KeyStore:
         """Once per store: log the digests of the keys written before the log existed, then
         mark the log complete. Idempotent and safe from two nodes at once (a digest logged
         twice is the same digest)."""
-        if await self._call(self.redis.exists(self.k("digests", "complete"))):
+        if await self._call(self.redis.exists(self.g("digests:complete"))):
             return
         for key in await self.list_keys():
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._pipeline(transaction=False) as pipe:
                 for digest in (key.secret_hash, *(o.hash for o in key.old_secrets)):
-                    pipe.xadd(self.k("digests"), {"d": digest})
+                    pipe.xadd(self.g("digests"), {"d": digest})
                 await self._call(pipe.execute())
-        await self._call(self.redis.set(self.k("digests", "complete"), 1))
+        await self._call(self.redis.set(self.g("digests:complete"), 1))
 
     async def digests_after(self, last_id: str) -> tuple[bool, list[str], str]:
         """Whether the digest log is complete, and the digests logged after `last_id` with the
         id of the last one (up to DIGEST_PAGE; ask again while a full page comes back)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self.k("digests", "complete"))
-            pipe.xrange(self.k("digests"), min=f"({last_id}", count=DIGEST_PAGE)
+        async with self._pipeline(transaction=False) as pipe:
+            pipe.exists(self.g("digests:complete"))
+            pipe.xrange(self.g("digests"), min=f"({last_id}", count=DIGEST_PAGE)
             complete, entries = await self._call(pipe.execute(), HANDSHAKE_DEADLINE_SECONDS)
         digests = [_s(fields[b"d"]) for _id, fields in entries if b"d" in fields]
         if entries:
             last_id = _s(entries[-1][0])
         return bool(complete), digests, last_id
+
+    # -- the layout before hash tags ---------------------------------------------------------
+
+    async def migrate_layout(self) -> int:
+        """Once per store: copy teams, keys and prices from the names used before hash tags
+        (`P:team:<id>`, `P:teams`, `P:key:<id>`, `P:keys`, `P:catalog`, `P:version`) to the
+        current ones, then mark `P:{g}:layout`. Returns the records copied.
+
+        Nothing is overwritten (SETNX, HSETNX: a write made since under the new names wins) and
+        the old names stay (a rollback still finds them), so it is idempotent and safe from two
+        nodes at once. Secrets' entries keep their names. The digest log starts again from the
+        keys (`backfill_digests`, as `P:{g}:digests:complete` is not set). Slots, rate windows
+        and session records are not copied: they lapse within a minute, and until then the
+        sockets open before the upgrade do not count against the caps. Every node runs it at
+        start (NodeView.start); a single server and a Cluster alike (old names are single-key
+        reads)."""
+        if await self._call(self.redis.exists(self.g("layout"))):
+            return 0
+        copied = 0
+        for old_set, new_set, record in (
+            ("teams", "teams", self.team_record),
+            ("keys", "keys", self.key_record),
+        ):
+            kind = old_set[:-1]
+            for raw_id in await self._call(self.redis.smembers(self.k(old_set))):
+                owner = _s(raw_id)
+                raw = await self._call(self.redis.get(self.k(kind, owner)))
+                if raw is None:
+                    continue
+                copied += int(bool(await self._call(self.redis.setnx(record(owner), raw))))
+                await self._call(self.redis.sadd(self.g(new_set), owner))
+        for model, price in (await self._call(self.redis.hgetall(self.k("catalog")))).items():
+            copied += int(await self._call(self.redis.hsetnx(self.g("catalog"), model, price)))
+        old_version = int(await self._call(self.redis.get(self.k("version"))) or 0)
+        async with self._pipeline(transaction=True) as pipe:
+            pipe.incrby(self.g("version"), old_version + 1)  # past anything a node has seen
+            pipe.set(self.g("layout"), 2)
+            await self._call(pipe.execute())
+        return copied
 
     # -- limits ------------------------------------------------------------------------------
 
@@ -595,29 +771,51 @@ class KeyStore:
     ) -> tuple[bool, int]:
         """Take the socket's slots (when capped) and register its session record: one round
         trip, the handshake's only one when its secret is cached (NodeView.lookup_secret).
-        Also the store's version, for the handshake to check that nothing moved since."""
-        now = int(time.time() * 1000)
-        keys = [
-            self.k("slots", "key", principal.key_id),
-            self.k("slots", "team", principal.team_id),
-            self.k("sessions"),
-            self.k("session", socket_id),
-            self.k("version"),
-        ]
-        args: list[str | int | bytes] = [
-            now,
-            now + LEASE_MS,
-            socket_id,
-            key_cap,
-            team_cap,
-            orjson.dumps(info),
-        ]
-        taken, version = await self._call(self._batch.call(self._acquire, keys, args))
+        Also the store's version, for the handshake to check that nothing moved since.
+
+        The key's slot and the team's slot are two scripts on their own hash slots (`_TAKE_SLOT`)
+        sent in one batch with the record; when either refuses, the socket is released at once
+        (the compensation, awaited, so a retry or a next handshake sees the sets as they were).
+        A refused socket's record exists for that round trip only."""
+        taken, version = await self._acquire(principal, socket_id, key_cap, team_cap, info)
         if not taken and self._releases:
             # Slots this node has not given back yet may be what is in the way.
             await self.flush_releases()
-            taken, version = await self._call(self._batch.call(self._acquire, keys, args))
-        return bool(taken), int(version)
+            taken, version = await self._acquire(principal, socket_id, key_cap, team_cap, info)
+        return taken, version
+
+    async def _acquire(
+        self,
+        principal: Principal,
+        socket_id: str,
+        key_cap: int,
+        team_cap: int,
+        info: dict[str, Any],
+    ) -> tuple[bool, int]:
+        now = int(time.time() * 1000)
+        deadline = now + LEASE_MS
+        calls = [
+            self._batch.command("GET", self.g("version")),
+            self._batch.command("ZADD", self.sessions_index(), deadline, socket_id),
+            self._batch.command(
+                "SET", self.session_record(socket_id), orjson.dumps(info), "PX", LEASE_MS
+            ),
+        ]
+        if key_cap > 0 or team_cap > 0:
+            for slots, cap in (
+                (self.key_slots(principal.key_id), key_cap),
+                (self.team_slots(principal.team_id), team_cap),
+            ):
+                calls.append(
+                    self._batch.call(self._take_slot, [slots], [now, deadline, socket_id, cap])
+                )
+        version, _added, _set, *takes = await self._call(asyncio.gather(*calls))
+        if all(takes):
+            return True, int(version or 0)
+        # Compensation: give back the slot that was taken (and the record), as one release.
+        releases = self._release_commands([(principal.key_id, principal.team_id, socket_id)])
+        await self._call(asyncio.gather(*releases))
+        return False, int(version or 0)
 
     async def allow_response(self, key_id: str, limit: int) -> bool:
         """Sliding-window rate limit; fails open while Redis is away (CONTRACT.md §4).
@@ -648,7 +846,7 @@ class KeyStore:
         try:
             # A hung Redis must not stall a customer's turn for the pool's retries (~6 s).
             ok, taken = await self._call(
-                self._batch.call(self._rate, [self.k("rl", key_id)], args),
+                self._batch.call(self._rate, [self.rate_window(key_id)], args),
                 RATE_LIMIT_DEADLINE_SECONDS,
             )
         except GatewayError:
@@ -678,28 +876,26 @@ class KeyStore:
         returned = [(k, s) for k, s in returned if s.members]
         if not returned:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._pipeline(transaction=False) as pipe:
             for key_id, spares in returned:
-                pipe.zrem(self.k("rl", key_id), *spares.members)
+                pipe.zrem(self.rate_window(key_id), *spares.members)
             await self._call(pipe.execute(), RATE_LIMIT_DEADLINE_SECONDS * 4)
 
     async def refresh_leases(self, sessions: list[tuple[Principal, str, dict[str, Any]]]) -> None:
         """Renew this node's slots and session records (every LEASE_REFRESH_SECONDS).
 
         Every write is XX (only what still exists): a socket that closed while the renewal
-        was on its way has been released (`_RELEASE`, maybe first), and a plain write would
+        was on its way has been released (`flush_releases`, maybe first), and a plain write would
         bring its slots or its listing back for a whole lease."""
         if not sessions:
             return
         deadline = int(time.time() * 1000) + LEASE_MS
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._pipeline(transaction=False) as pipe:
             for principal, socket_id, info in sessions:
-                pipe.zadd(self.k("slots", "key", principal.key_id), {socket_id: deadline}, xx=True)
-                pipe.zadd(
-                    self.k("slots", "team", principal.team_id), {socket_id: deadline}, xx=True
-                )
-                pipe.zadd(self.k("sessions"), {socket_id: deadline}, xx=True)
-                pipe.set(self.k("session", socket_id), orjson.dumps(info), px=LEASE_MS, xx=True)
+                pipe.zadd(self.key_slots(principal.key_id), {socket_id: deadline}, xx=True)
+                pipe.zadd(self.team_slots(principal.team_id), {socket_id: deadline}, xx=True)
+                pipe.zadd(self.sessions_index(), {socket_id: deadline}, xx=True)
+                pipe.set(self.session_record(socket_id), orjson.dumps(info), px=LEASE_MS, xx=True)
             await self._call(pipe.execute())
 
     async def release_socket(self, principal: Principal, socket_id: str) -> None:
@@ -722,14 +918,21 @@ class KeyStore:
         batch, self._releases = self._releases, []
         if not batch:
             return
-        keys = [self.k("sessions")]
+        await self._call(asyncio.gather(*self._release_commands(batch)))
+
+    def _release_commands(self, batch: list[tuple[str, str, str]]) -> list[asyncio.Future[Any]]:
+        """Sockets' slots, index entries and records removed, one command per key (ZREM and DEL
+        of a member or key that is gone are no-ops, so a release may run twice), batched."""
+        by_key: dict[str, list[str]] = {}
+        by_team: dict[str, list[str]] = {}
         for key_id, team_id, socket_id in batch:
-            keys += [
-                self.k("slots", "key", key_id),
-                self.k("slots", "team", team_id),
-                self.k("session", socket_id),
-            ]
-        await self._call(self._batch.call(self._release, keys, [s for *_, s in batch]))
+            by_key.setdefault(key_id, []).append(socket_id)
+            by_team.setdefault(team_id, []).append(socket_id)
+        calls = [self._batch.command("ZREM", self.sessions_index(), *(s for *_, s in batch))]
+        calls += [self._batch.command("ZREM", self.key_slots(k), *s) for k, s in by_key.items()]
+        calls += [self._batch.command("ZREM", self.team_slots(t), *s) for t, s in by_team.items()]
+        calls += [self._batch.command("DEL", self.session_record(s)) for *_, s in batch]
+        return calls
 
     def update_session(self, socket_id: str, info: dict[str, Any]) -> None:
         """Rewrite a live socket's session record (a turn ended), within
@@ -750,26 +953,24 @@ class KeyStore:
         batch, self._infos = self._infos, {}
         if not batch:
             return
-        # XX, the race with a socket's end: its release (_RELEASE, on another connection) may
+        # XX, the race with a socket's end: its release (flush_releases, on another connection) may
         # reach Redis before this write. A plain SET would then bring the deleted record back
         # for a whole lease; with XX the write lands only on a record that still exists, and a
         # release that comes after it deletes it as usual. (A socket that closed before this
         # flush was already dropped from the batch by release_socket.)
         records = list(batch.items())
         for start in range(0, len(records), SESSION_INFO_CHUNK):  # never one huge pipeline
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._pipeline(transaction=False) as pipe:
                 for socket_id, record in records[start : start + SESSION_INFO_CHUNK]:
-                    pipe.set(self.k("session", socket_id), record, px=LEASE_MS, xx=True)
+                    pipe.set(self.session_record(socket_id), record, px=LEASE_MS, xx=True)
                 await self._call(pipe.execute())
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         now = int(time.time() * 1000)
-        await self._call(self.redis.zremrangebyscore(self.k("sessions"), "-inf", now))
-        ids = await self._call(self.redis.zrange(self.k("sessions"), 0, -1))
-        if not ids:
-            return []
-        names = [self.k("session", _s(i)) for i in ids if isinstance(i, bytes | str)]
-        raws = await self._call(self.redis.mget(names))
+        await self._call(self.redis.zremrangebyscore(self.sessions_index(), "-inf", now))
+        ids = await self._call(self.redis.zrange(self.sessions_index(), 0, -1))
+        names = [self.session_record(_s(i)) for i in ids if isinstance(i, bytes | str)]
+        raws = await self._call(self._mget(names))
         return [orjson.loads(r) for r in raws if r]
 
 

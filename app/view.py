@@ -8,6 +8,7 @@ only while the version it was read under still stands (`NodeView.lookup_secret`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,10 +38,11 @@ class View:
 
 
 class NodeView:
-    """Keeps `View` fresh by polling `P:version` and calls `on_change` after each reload.
+    """Keeps `View` fresh by polling `P:{g}:version` and calls `on_change` after each reload.
 
-    Polling (4 times a second, one GET) rather than pub/sub: a node that missed a message can
-    never keep serving a revoked key, and a Redis restart needs no resubscription.
+    Polling (4 times a second, one GET and one SCARD on the `{g}` slot) rather than pub/sub: a
+    node that missed a message can never keep serving a revoked key, and a Redis restart needs
+    no resubscription.
     """
 
     def __init__(
@@ -97,8 +99,13 @@ class NodeView:
 
     async def load(self) -> bool:
         try:
-            version = await self.store.version()
+            version, pending = await self.store.version_and_pending()
             self.read_at = time.monotonic()
+            if pending:
+                # An admin write stopped between its record and its version bump (a node died,
+                # Redis failed): finish it here, which bumps the version (KeyStore._transaction).
+                await self.store.settle_pending()
+                version = await self.store.version()
             if version == self.view.version:
                 return False
             teams = {t.id: t for t in await self.store.list_teams()}
@@ -110,6 +117,8 @@ class NodeView:
         return True
 
     async def start(self) -> None:
+        with contextlib.suppress(GatewayError):  # Redis away: the next node start does it
+            await self.store.migrate_layout()
         await self.load()
         self._task = asyncio.create_task(self._run(), name="node-view")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -21,11 +22,13 @@ from aiohttp.test_utils import TestServer
 sys.path.insert(0, str(Path(__file__).parent))
 
 from services import (
+    delete_cluster_prefix,
     delete_prefix,
     fresh_database,
     fresh_redis_prefix,
     run_blocking,
     session_postgres_admin_dsn,
+    session_redis_cluster_url,
     session_redis_url,
 )
 
@@ -42,7 +45,17 @@ UPSTREAM_KEY = "sk-upstream-test-0123456789"
 MODEL = "openai/gpt-test"
 TERMINAL = {"response.completed", "response.incomplete", "response.failed", "error"}
 
-redis_url = pytest.fixture(scope="session")(session_redis_url)
+# TEST_REDIS_TOPOLOGY=cluster (`make test-cluster`): the same tests against a Redis Cluster
+# (tests/services.py `RedisCluster`, or TEST_REDIS_CLUSTER_URL), the gateway and every store
+# with GATEWAY_REDIS_CLUSTER.
+REDIS_CLUSTER = os.environ.get("TEST_REDIS_TOPOLOGY", "").strip() == "cluster"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    yield from (session_redis_cluster_url() if REDIS_CLUSTER else session_redis_url())
+
+
 pg_admin_dsn = pytest.fixture(scope="session")(session_postgres_admin_dsn)
 
 
@@ -58,7 +71,7 @@ def database_url(pg_admin_dsn: str) -> Iterator[str]:
 def redis_prefix(redis_url: str) -> Iterator[str]:
     prefix = fresh_redis_prefix()
     yield prefix
-    run_blocking(delete_prefix(redis_url, prefix))
+    run_blocking((delete_cluster_prefix if REDIS_CLUSTER else delete_prefix)(redis_url, prefix))
 
 
 @dataclass
@@ -117,6 +130,7 @@ def gateway_settings(
 ) -> Settings:
     values: dict[str, Any] = {
         "REDIS_URL": redis_url,
+        "GATEWAY_REDIS_CLUSTER": REDIS_CLUSTER,
         "GATEWAY_REDIS_PREFIX": prefix,
         "DATABASE_URL": database_url,
         "OPENAI_BASE_URL": upstream,

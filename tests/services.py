@@ -809,3 +809,127 @@ async def delete_prefix(url: str, prefix: str) -> int:
     finally:
         await client.aclose()
     return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# A throwaway Redis Cluster (GATEWAY_REDIS_CLUSTER): six nodes, three primaries with a replica
+# each. Lazily started by the first test that asks (`session_redis_cluster_url`).
+
+CLUSTER_NODES = 6
+_CLUSTER_PORT_CEILING = 55536  # a node's bus port is its port + 10000, which must be a port
+
+
+def free_cluster_port() -> int:
+    """A free port whose bus port (port + 10000) is a valid port too."""
+    for _ in range(100):
+        port = free_port()
+        if port < _CLUSTER_PORT_CEILING:
+            return port
+    raise ServiceError("no free port below 55536 for a cluster node")
+
+
+class RedisClusterNode(RedisServer):
+    """One `redis-server --cluster-enabled yes`, its nodes.conf in its own directory."""
+
+    kind = "redis-cluster"
+
+    def __init__(self) -> None:
+        super().__init__(free_cluster_port())
+
+    def _command(self) -> list[str]:
+        return [
+            *super()._command(),
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "2000",
+        ]  # fmt: skip
+
+
+class RedisCluster:
+    """Six cluster nodes joined by `redis-cli --cluster create … --cluster-replicas 1`; ready
+    when every node says `cluster_state:ok`. `url` is one seed node (what REDIS_URL names)."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisClusterNode() for _ in range(CLUSTER_NODES)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1",
+             "--cluster-yes"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        if created.returncode != 0:
+            self.close()
+            raise ServiceError(f"redis-cli --cluster create failed:\n{created.stdout!r}")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all(self._ok(node) for node in self.nodes):
+            if time.monotonic() > deadline:
+                self.close()
+                raise ServiceError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    @staticmethod
+    def _ok(node: RedisClusterNode) -> bool:
+        info = subprocess.run(
+            ["redis-cli", "-p", str(node.port), "cluster", "info"],
+            capture_output=True, timeout=5, check=False,
+        )  # fmt: skip
+        return b"cluster_state:ok" in info.stdout
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+_cluster: RedisCluster | None = None
+
+
+def redis_cluster_url() -> str:
+    """The seed node's URL of this test process' Redis Cluster (TEST_REDIS_CLUSTER_URL, or a
+    throwaway one started on first use)."""
+    global _cluster
+    configured = os.environ.get("TEST_REDIS_CLUSTER_URL", "").strip()
+    if configured:
+        return configured
+    with _resolved_lock:
+        if _cluster is None:
+            _cluster = RedisCluster().start()
+        return _cluster.url
+
+
+def session_redis_cluster_url() -> Iterator[str]:
+    """Generator for a lazily-started session fixture: yields :func:`redis_cluster_url`, then
+    stops a throwaway cluster."""
+    global _cluster
+    try:
+        yield redis_cluster_url()
+    finally:
+        with _resolved_lock:
+            cluster, _cluster = _cluster, None
+        if cluster is not None:
+            cluster.close()
+
+
+async def delete_cluster_prefix(url: str, prefix: str) -> int:
+    """:func:`delete_prefix` on every primary of a Redis Cluster (one key per UNLINK: keys of
+    one call must share a slot)."""
+    if not prefix.startswith(REDIS_PREFIX_ROOT) or len(prefix) <= len(REDIS_PREFIX_ROOT):
+        raise ValueError(f"refusing to delete keys under {prefix!r}: not a gwtest: prefix")
+    from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+    client = ClusterClient.from_url(url)
+    deleted = 0
+    try:
+        async for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            deleted += int(await client.unlink(key))
+    finally:
+        await client.aclose()
+    return deleted

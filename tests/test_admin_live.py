@@ -266,7 +266,7 @@ async def test_a_turn_shows_in_another_nodes_session_listing_within_a_second(
     async with socket(gateway, tenant.key) as ws:
         [opened] = (await admin(node_b, "GET", "/sessions"))["data"]
         assert (opened["node"], opened["model"], opened["turns"]) == ("node-a", None, 0)
-        lease = await store.redis.zscore(store.k("sessions"), opened["id"])
+        lease = await store.redis.zscore(store.sessions_index(), opened["id"])
         latencies = []
         for turns in (1, 2):
             assert (await turn(ws))[-1]["type"] == "response.completed"
@@ -277,7 +277,7 @@ async def test_a_turn_shows_in_another_nodes_session_listing_within_a_second(
             latencies.append(loop.time() - ended)
             assert shown["model"] == MODEL and shown["node"] == "node-a"
         # Not the lease renewal's doing: the socket's lease deadline is still the handshake's.
-        assert await store.redis.zscore(store.k("sessions"), opened["id"]) == lease
+        assert await store.redis.zscore(store.sessions_index(), opened["id"]) == lease
     report("turn to listing", *latencies)
 
 
@@ -290,10 +290,10 @@ async def test_a_late_record_write_does_not_bring_back_a_closed_socket(
     async with socket(gateway, tenant.key) as ws:
         [opened] = (await admin(gateway, "GET", "/sessions"))["data"]
         assert (await turn(ws))[-1]["type"] == "response.completed"
-    record = store.k("session", opened["id"])
+    record = store.session_record(opened["id"])
 
     async def released() -> bool:
-        return await store.redis.exists(record) == 0
+        return bool(await store.redis.exists(record) == 0)
 
     await eventually(released)
     store.update_session(opened["id"], {**opened, "model": MODEL, "turns": 1})
@@ -312,15 +312,15 @@ async def test_a_late_lease_renewal_does_not_bring_back_a_closed_socket(
         [opened] = (await admin(gateway, "GET", "/sessions"))["data"]
         [session] = gateway.node.sessions
         principal = session.principal
-    record = store.k("session", opened["id"])
+    record = store.session_record(opened["id"])
 
     async def released() -> bool:
-        return await store.redis.exists(record) == 0
+        return bool(await store.redis.exists(record) == 0)
 
     await eventually(released)
     await store.refresh_leases([(principal, opened["id"], opened)])
     assert await store.redis.exists(record) == 0
-    assert await store.redis.zscore(store.k("sessions"), opened["id"]) is None
-    for slots in (("key", principal.key_id), ("team", principal.team_id)):
-        assert await store.redis.zscore(store.k("slots", *slots), opened["id"]) is None
+    assert await store.redis.zscore(store.sessions_index(), opened["id"]) is None
+    for slots in (store.key_slots(principal.key_id), store.team_slots(principal.team_id)):
+        assert await store.redis.zscore(slots, opened["id"]) is None
     assert (await admin(gateway, "GET", "/sessions"))["data"] == []

@@ -526,7 +526,7 @@ async def test_keys_issued_before_the_digest_log_existed_are_known(
     key = await store.get_key(tenant.key_id)
     assert key is not None
     _rotated, _before, new = await store.rotate_key(key.id, 3600)
-    await store.redis.delete(store.k("digests"), store.k("digests", "complete"))
+    await store.redis.delete(store.g("digests"), store.g("digests:complete"))
     view = NodeView(store)  # a node starting on that store
     await view.start()
     try:

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import WSMsgType
-from conftest import Connect, Gateway, Tenant, recv
+from conftest import REDIS_CLUSTER, Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import ConnectionPool
 
@@ -117,7 +117,10 @@ def test_secrets_compare_by_hash_and_old_secrets_end_with_their_grace() -> None:
 async def test_a_cached_secret_lasts_only_while_the_version_stands(
     redis_url: str, redis_prefix: str
 ) -> None:
-    here, elsewhere = KeyStore(redis_url, redis_prefix), KeyStore(redis_url, redis_prefix)
+    here, elsewhere = (
+        KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER),
+        KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER),
+    )
     view = NodeView(here)
     try:
         await here.put_team(Team(id="t", name="t", allowed_models=["openai/*"]))
@@ -128,16 +131,17 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
 
         # Remove the secret's mapping behind the store's back (no version bump): the node keeps
         # answering from its cache, which proves the handshake made no round trip for it.
-        await here.redis.delete(here.k("secret", hash_secret(secret)))
+        await here.redis.delete(here.secret_entry(hash_secret(secret)))
         found, _ = await view.lookup_secret(secret)
         assert found is not None and found[0].id == key.id
 
         # A revocation on another node bumps the version: once the view has read it, the cache
-        # is stale and the secret is looked up again (and is gone here).
+        # is stale and the secret is looked up again (the write's follow-ups index the key's
+        # secrets again, so it is found, revoked).
         await elsewhere.revoke_key(key.id)
         assert await view.load()
         found, _ = await view.lookup_secret(secret)
-        assert found is None
+        assert found is not None and found[0].revoked_at is not None
 
         # A write through this node's own store makes its cache stale at once, before the view
         # has polled the new version.
@@ -154,7 +158,7 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
         key3, secret3 = await here.create_key("t")
         await view.load()
         await view.lookup_secret(secret3)
-        await here.redis.delete(here.k("secret", hash_secret(secret3)))
+        await here.redis.delete(here.secret_entry(hash_secret(secret3)))
         view.read_at -= 60
         assert (await view.lookup_secret(secret3))[0] is None
         assert key3.id
@@ -164,13 +168,13 @@ async def test_a_cached_secret_lasts_only_while_the_version_stands(
 
 
 async def _window_size(store: KeyStore, key_id: str) -> int:
-    return int(await store.redis.zcard(store.k("rl", key_id)))
+    return int(await store.redis.zcard(store.rate_window(key_id)))
 
 
 async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
     redis_url: str, redis_prefix: str
 ) -> None:
-    store = KeyStore(redis_url, redis_prefix)
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     try:
         limit = 1000
         spares = min(limit // 20, RATE_SPARES)
@@ -193,7 +197,7 @@ async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
 
 async def test_nodes_together_never_pass_the_limit(redis_url: str, redis_prefix: str) -> None:
     for limit in (40, 100, 7):
-        nodes = [KeyStore(redis_url, redis_prefix) for _ in range(3)]
+        nodes = [KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER) for _ in range(3)]
         key_id = f"k{limit}"
         try:
             accepted = 0
@@ -212,10 +216,10 @@ async def test_nodes_together_never_pass_the_limit(redis_url: str, redis_prefix:
 async def test_spares_are_given_back_when_the_store_closes(
     redis_url: str, redis_prefix: str
 ) -> None:
-    store = KeyStore(redis_url, redis_prefix)
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     assert await store.allow_response("k", 1000)
     await store.close()
-    other = KeyStore(redis_url, redis_prefix)
+    other = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     try:
         assert await _window_size(other, "k") == 1
     finally:
@@ -225,20 +229,20 @@ async def test_spares_are_given_back_when_the_store_closes(
 async def test_closed_sockets_give_back_their_slots_together_and_a_cap_waits_for_none(
     redis_url: str, redis_prefix: str
 ) -> None:
-    store = KeyStore(redis_url, redis_prefix)
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
     try:
         who = Principal(key_id="key_1", key_prefix="sk-gw-1", team_id="t", secret_hash="h")
         for i in range(5):
             taken, _ = await store.acquire_socket(who, f"ws_{i}", 0, 0, {"id": f"ws_{i}"})
             assert taken
-        assert await store.redis.zcard(store.k("sessions")) == 5
+        assert await store.redis.zcard(store.sessions_index()) == 5
         for i in range(5):
             await store.release_socket(who, f"ws_{i}")
         # Queued, not sent: five closes become one call RELEASE_BATCH_SECONDS later.
-        assert await store.redis.zcard(store.k("sessions")) == 5
+        assert await store.redis.zcard(store.sessions_index()) == 5
         await asyncio.sleep(RELEASE_BATCH_SECONDS * 4)
-        assert await store.redis.zcard(store.k("sessions")) == 0
-        assert not await store.redis.exists(store.k("session", "ws_0"))
+        assert await store.redis.zcard(store.sessions_index()) == 0
+        assert not await store.redis.exists(store.session_record("ws_0"))
 
         # At a cap of one, a socket closed a moment ago does not refuse the next one: the
         # refused handshake gives back the node's waiting slots and asks again.
