@@ -19,7 +19,7 @@ the store-wide singletons in `{g}`; what one command touches alone needs none.
   (app/auth/digests.py `KnownDigests`).
 - `P:{g}:catalog`: hash `openai/<model>` → JSON Price.
 - `P:{g}:version`: bumped by every admin write; nodes poll it to refresh their view (≤ 0.25 s).
-- `P:{g}:pending`: set of records (`key:<id>`, `team:<id>`) whose admin write has changed the
+- `P:{g}:pending`: set of admin writes (`key:<id>:<nonce>`, `team:<id>:<nonce>`) that changed the
   record but may not have finished its follow-ups (`_settle`); any node completes them.
 - `P:{g}:layout`: `2` once the names before hash tags were copied over (`migrate_layout`).
 - `P:{k:<id>}:rl`: sorted set of accepted turns in the last 60 s; expires 61 s after the last.
@@ -496,7 +496,8 @@ class KeyStore:
     #
     # A Cluster refuses a MULTI over several slots, and a record, its secret's entry, the sets
     # of ids and the version live on different ones. So a write is four steps, in this order:
-    #   1. SADD `P:{g}:pending` `key:<id>` (or `team:<id>`): the record may now change;
+    #   1. SADD `P:{g}:pending` `key:<id>:<nonce>` (or `team:…`, one mark per write): the record
+    #      may now change;
     #   2. WATCH/MULTI/EXEC on the record's slot: the record alone (the decision);
     #   3. SET `P:secret:<sha>` → id for the record's secrets (idempotent);
     #   4. MULTI on `{g}`: SADD to `keys`/`teams`, XADD the new digest, SREM the pending entry,
@@ -524,6 +525,10 @@ class KeyStore:
         Then its follow-ups (`_settle`), logging the digest `issued(result)` names, if any.
         Redis' errors become 503 `service_unavailable`."""
 
+        # One mark per write, not per record: a write to the same record that settles first
+        # must not clear the mark of this one (whose follow-ups may yet be cut short).
+        pending = f"{pending}:{ids.hex_token(8)}"
+
         async def attempts() -> _T:
             await self.redis.sadd(self.g("pending"), pending)
             for attempt in range(ADMIN_WRITE_TRIES):
@@ -550,7 +555,7 @@ class KeyStore:
         """Steps 3 and 4 of an admin write (above) for one pending record, from the record as
         stored now: idempotent, so any node may run it any number of times. `digest`: a secret
         the write issued, for the digest log."""
-        kind, _, owner = pending.partition(":")
+        kind, owner, _nonce = pending.split(":", 2)
         key: ApiKey | None = None
         if kind == "key":
             raw = await self.redis.get(self.key_record(owner))
@@ -575,7 +580,7 @@ class KeyStore:
         """Finish the admin writes whose follow-ups were cut short (a node died, Redis failed
         between steps); NodeView calls this while `P:{g}:pending` is not empty."""
         for pending in await self._call(self.redis.smembers(self.g("pending"))):
-            kind, _, owner = _s(pending).partition(":")
+            kind, owner, _nonce = _s(pending).split(":", 2)
             # The write may have issued a secret: log the record's (a digest twice is harmless).
             key = await self.get_key(owner) if kind == "key" else None
             await self._call(self._settle(_s(pending), key.secret_hash if key else None))

@@ -15,6 +15,7 @@ import pytest
 from conftest import REDIS_CLUSTER, Gateway, make_tenant
 
 from app.auth.principal import Principal, hash_secret
+from app.errors import GatewayError
 from app.keystore import LEASE_MS, KeyStore
 from app.models import ApiKey, Limits, Price, Team, utcnow
 from app.view import NodeView
@@ -120,7 +121,7 @@ async def test_an_admin_write_cut_short_is_finished_by_any_node(
         # A revocation whose writer died after its record's MULTI (steps 1 and 2 of
         # KeyStore._transaction): no version bump yet.
         revoked = key.model_copy(update={"revoked_at": utcnow()})
-        await store.redis.sadd(store.g("pending"), f"key:{key.id}")
+        await store.redis.sadd(store.g("pending"), f"key:{key.id}:0123abcd")
         await store.redis.set(store.key_record(key.id), revoked.model_dump_json())
         version = await store.version()
         assert await view.load()  # the poll saw the pending write, finished it, and reloaded
@@ -132,6 +133,34 @@ async def test_an_admin_write_cut_short_is_finished_by_any_node(
         await view.stop()
         await other.close()
     print("\npending revocation settled by another node's poll; version bumped by 1")
+
+
+async def test_a_write_that_settles_leaves_another_cut_short_write_marked(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writes to one record: the first is cut short after its record's MULTI (its
+    follow-ups fail), the second completes. The second's settling must not clear the first's
+    mark, or the first's version bump (a revocation reaching the nodes) would be lost."""
+    await store.put_team(Team(id="t", name="t", allowed_models=["openai/*"]))
+    key, _secret = await store.create_key("t")
+    settle = store._settle
+
+    async def cut_short(pending: str, digest: str | None) -> None:
+        raise ConnectionError("Redis went away between the steps")
+
+    monkeypatch.setattr(store, "_settle", cut_short)
+    with pytest.raises(GatewayError):
+        await store.revoke_key(key.id)
+    monkeypatch.setattr(store, "_settle", settle)
+
+    def unchanged(current: ApiKey | None) -> ApiKey:
+        assert current is not None
+        return current
+
+    await store.update_key(key.id, unchanged)
+    left = await store.redis.smembers(store.g("pending"))
+    print(f"\nmarks left after the second write settled: {sorted(left)}")
+    assert len(left) == 1, left  # the cut-short revocation's, for the nodes' polls to finish
 
 
 async def test_the_layout_before_hash_tags_is_copied_once(store: KeyStore) -> None:
