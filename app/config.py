@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.dsn import check_postgres_url, check_redis_url
+from app.redisconn import parse_sentinels
 
 MIB = 1024 * 1024
 
@@ -50,12 +51,29 @@ class RedisSettings(_Base):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="REDIS_URL")
     # Namespaces every key and channel, so several deployments (or test runs) share one Redis.
     redis_prefix: str = Field(default="gw", alias="GATEWAY_REDIS_PREFIX", min_length=1)
+    # Comma-separated host:port of Redis Sentinels; empty: REDIS_URL names the server. When set,
+    # the primary is found (and re-found after a failover) through them, and REDIS_URL gives only
+    # the password, db number and TLS (app/redisconn.py).
+    redis_sentinels: str = Field(default="", alias="GATEWAY_REDIS_SENTINELS")
+    redis_sentinel_master: str = Field(
+        default="mymaster", alias="GATEWAY_REDIS_SENTINEL_MASTER", min_length=1
+    )
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         check_redis_url(value)
         return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: str) -> str:
+        parse_sentinels(value)
+        return value
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return parse_sentinels(self.redis_sentinels)
 
 
 class Settings(RedisSettings, DatabaseSettings):

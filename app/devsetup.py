@@ -19,7 +19,12 @@ DEV_MODEL = "openai/gpt-5-mini"
 
 async def bootstrap() -> str:
     settings = load(RedisSettings)
-    store = KeyStore(settings.redis_url, settings.redis_prefix)
+    store = KeyStore(
+        settings.redis_url,
+        settings.redis_prefix,
+        sentinels=settings.sentinel_addresses,
+        sentinel_master=settings.redis_sentinel_master,
+    )
     try:
         await store.put_team(
             Team(id=DEV_TEAM, name="Local development", allowed_models=["openai/*"])

@@ -30,23 +30,21 @@ import contextlib
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import hiredis
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from app import ids, metrics
 from app.auth.principal import Principal, hash_secret, new_secret
 from app.errors import Code, GatewayError, not_found
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
+from app.redisconn import make_redis
 
 _T = TypeVar("_T")
 
@@ -277,28 +275,29 @@ def _hiredis_packing(pool: aioredis.ConnectionPool) -> None:
 
 
 class KeyStore:
-    def __init__(self, redis_url: str, prefix: str, *, pool_size: int = 64) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        *,
+        pool_size: int = 64,
+        sentinels: Sequence[tuple[str, int]] = (),
+        sentinel_master: str = "mymaster",
+    ) -> None:
         self.prefix = prefix
         # A hung Redis answers nothing: each call gives up after HANDSHAKE_DEADLINE_SECONDS (the
         # client's own read timeout, not retried; an `asyncio.timeout` around every call cost
         # the handshake path 6%), so /readyz gets its 503 in about 1 s and a handshake in about
         # 2 (tests/test_faults_live.py). Refused or reset connections are retried with backoff
         # (a Redis restart).
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self.redis: aioredis.Redis = make_redis(
             redis_url,
-            max_connections=pool_size,
+            pool_size=pool_size,
             timeout=HANDSHAKE_DEADLINE_SECONDS,
-            socket_timeout=HANDSHAKE_DEADLINE_SECONDS,
-            socket_connect_timeout=HANDSHAKE_DEADLINE_SECONDS,
-            # Only refused or reset connections: redis-py retries its TimeoutError by default.
-            retry=Retry(
-                ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(RedisConnectionError,)
-            ),
-            retry_on_timeout=False,
-            health_check_interval=30,
+            sentinels=sentinels,
+            sentinel_master=sentinel_master,
         )
-        _hiredis_packing(pool)
-        self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        _hiredis_packing(self.redis.connection_pool)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._rate = self.redis.register_script(_RATE)
         self._lookup = self.redis.register_script(_LOOKUP)

@@ -28,7 +28,12 @@ _CLOSE_WAIT_SECONDS = 2.0
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_frame_bytes)
-    store = KeyStore(settings.redis_url, settings.redis_prefix)
+    store = KeyStore(
+        settings.redis_url,
+        settings.redis_prefix,
+        sentinels=settings.sentinel_addresses,
+        sentinel_master=settings.redis_sentinel_master,
+    )
     ledger = Ledger(settings.database_url, settings.spill_dir)
     node = Node(settings, store, ledger)
     app[NODE] = node

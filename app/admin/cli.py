@@ -437,7 +437,13 @@ async def execute(args: argparse.Namespace, settings: AdminCliSettings) -> Outpu
     waits on Postgres.
     """
     rows: list[AdminAction] = []
-    store = KeyStore(settings.redis_url, settings.redis_prefix, pool_size=2)
+    store = KeyStore(
+        settings.redis_url,
+        settings.redis_prefix,
+        pool_size=2,
+        sentinels=settings.sentinel_addresses,
+        sentinel_master=settings.redis_sentinel_master,
+    )
     try:
         command: Command = args.admin
         out = await command(AdminOps(store, rows.append, cli_actor()), args)
