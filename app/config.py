@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.dsn import check_postgres_url, check_redis_url
+from app.redisconn import parse_sentinels
 
 MIB = 1024 * 1024
 
@@ -54,12 +55,38 @@ class RedisSettings(_Base):
     )  # no braces: the key layout's hash tags follow it (app/keystore.py)
     # REDIS_URL is one seed node of a Redis Cluster; the client learns the rest from it.
     redis_cluster: bool = Field(default=False, alias="GATEWAY_REDIS_CLUSTER")
+    # Comma-separated host:port of Redis Sentinels; empty: REDIS_URL names the server. When set,
+    # the primary is found (and re-found after a failover) through them, and REDIS_URL gives only
+    # the password, db number and TLS (app/redisconn.py).
+    redis_sentinels: str = Field(default="", alias="GATEWAY_REDIS_SENTINELS")
+    redis_sentinel_master: str = Field(
+        default="mymaster", alias="GATEWAY_REDIS_SENTINEL_MASTER", min_length=1
+    )
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         check_redis_url(value)
         return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: str) -> str:
+        parse_sentinels(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> RedisSettings:
+        if self.redis_cluster and self.redis_sentinels.strip():
+            raise ValueError(
+                "GATEWAY_REDIS_CLUSTER and GATEWAY_REDIS_SENTINELS: set one (a Cluster has no"
+                " Sentinels)"
+            )
+        return self
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return parse_sentinels(self.redis_sentinels)
 
 
 class Settings(RedisSettings, DatabaseSettings):

@@ -19,7 +19,7 @@ DEV_MODEL = "openai/gpt-5-mini"
 
 async def bootstrap() -> str:
     settings = load(RedisSettings)
-    store = KeyStore(settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster)
+    store = KeyStore.from_settings(settings)
     try:
         await store.put_team(
             Team(id=DEV_TEAM, name="Local development", allowed_models=["openai/*"])

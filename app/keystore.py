@@ -42,23 +42,22 @@ import contextlib
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import hiredis
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, WatchError
 
 from app import ids, metrics
 from app.auth.principal import Principal, hash_secret, new_secret
+from app.config import RedisSettings
 from app.errors import Code, GatewayError, not_found
 from app.models import ApiKey, OldSecret, Price, Team, utcnow
+from app.redisconn import make_redis
 
 _T = TypeVar("_T")
 # What a Redis call may raise; RedisClusterException (a Cluster none of whose nodes answers) is
@@ -285,24 +284,16 @@ def _hiredis_packing(pool: aioredis.ConnectionPool) -> None:
     pool.connection_class = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
 
 
-def _cluster_client(redis_url: str) -> Any:
-    """A Redis Cluster client from one seed node's URL: it learns the slots' owners from the
-    seed and learns them again on MOVED (a failover, a resharding). Same deadlines as the single
-    server's pool (KeyStore.__init__)."""
-    from redis.asyncio.cluster import RedisCluster
-
-    return RedisCluster.from_url(
-        redis_url,
-        socket_timeout=HANDSHAKE_DEADLINE_SECONDS,
-        socket_connect_timeout=HANDSHAKE_DEADLINE_SECONDS,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 6),
-        max_connections=64,
-    )
-
-
 class KeyStore:
     def __init__(
-        self, redis_url: str, prefix: str, *, pool_size: int = 64, cluster: bool = False
+        self,
+        redis_url: str,
+        prefix: str,
+        *,
+        pool_size: int = 64,
+        cluster: bool = False,
+        sentinels: Sequence[tuple[str, int]] = (),
+        sentinel_master: str = "mymaster",
     ) -> None:
         self.prefix = prefix
         # A hung Redis answers nothing: each call gives up after HANDSHAKE_DEADLINE_SECONDS (the
@@ -310,24 +301,17 @@ class KeyStore:
         # the handshake path 6%), so /readyz gets its 503 in about 1 s and a handshake in about
         # 2 (tests/test_faults_live.py). Refused or reset connections are retried with backoff
         # (a Redis restart).
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self.redis: Any = make_redis(
             redis_url,
-            max_connections=pool_size,
+            pool_size=pool_size,
             timeout=HANDSHAKE_DEADLINE_SECONDS,
-            socket_timeout=HANDSHAKE_DEADLINE_SECONDS,
-            socket_connect_timeout=HANDSHAKE_DEADLINE_SECONDS,
-            # Only refused or reset connections: redis-py retries its TimeoutError by default.
-            retry=Retry(
-                ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(RedisConnectionError,)
-            ),
-            retry_on_timeout=False,
-            health_check_interval=30,
+            cluster=cluster,
+            sentinels=sentinels,
+            sentinel_master=sentinel_master,
         )
-        _hiredis_packing(pool)
-        self.redis: Any = aioredis.Redis(connection_pool=pool)
         self.cluster = cluster
-        if cluster:  # the pool above never connected
-            self.redis = _cluster_client(redis_url)
+        if not cluster:
+            _hiredis_packing(self.redis.connection_pool)
         self._take_slot = self.redis.register_script(_TAKE_SLOT)
         self._rate = self.redis.register_script(_RATE)
         self._batch = _Batcher(self.redis)
@@ -340,6 +324,18 @@ class KeyStore:
         self.lookups = 0  # secrets looked up (lookup_digest), for the guard's measurements
         self._spares: dict[str, _Spares] = {}
         self._sweeper: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: RedisSettings, *, pool_size: int = 64) -> KeyStore:
+        """The store of a node or a shell command, on the topology the settings name."""
+        return cls(
+            settings.redis_url,
+            settings.redis_prefix,
+            pool_size=pool_size,
+            cluster=settings.redis_cluster,
+            sentinels=settings.sentinel_addresses,
+            sentinel_master=settings.redis_sentinel_master,
+        )
 
     # -- names (the layout in the module's docstring) ----------------------------------------
 

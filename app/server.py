@@ -28,7 +28,7 @@ _CLOSE_WAIT_SECONDS = 2.0
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_frame_bytes)
-    store = KeyStore(settings.redis_url, settings.redis_prefix, cluster=settings.redis_cluster)
+    store = KeyStore.from_settings(settings)
     ledger = Ledger(settings.database_url, settings.spill_dir)
     node = Node(settings, store, ledger)
     app[NODE] = node

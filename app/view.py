@@ -52,6 +52,7 @@ class NodeView:
         self.view = View(version=-1, teams={}, catalog={})
         self.on_tick = on_tick
         self._task: asyncio.Task[None] | None = None
+        self._untold = False  # a version change no tick has passed on yet
         self.read_at = float("-inf")  # time.monotonic() of the last version Redis answered
         # secret hash -> (its key, the store's version then, the store's local writes then)
         self._secrets: dict[str, tuple[ApiKey, int, int]] = {}
@@ -114,6 +115,7 @@ class NodeView:
             return False
         self.view = View(version=version, teams=teams, catalog=catalog)
         self.digests.refresh()  # a write may have issued a secret
+        self._untold = True
         return True
 
     async def start(self) -> None:
@@ -130,7 +132,10 @@ class NodeView:
         while me is None or not me.cancelling():
             await asyncio.sleep(VIEW_POLL_SECONDS)
             try:
-                changed = await self.load()
+                await self.load()
+                # A handshake's own load() may have seen the change first: the tick must still
+                # pass it on, or live sockets would never be checked against it.
+                changed, self._untold = self._untold, False
                 if self.on_tick is not None:
                     # Every tick, not only on change: rotation graces end with the clock.
                     await self.on_tick(changed)

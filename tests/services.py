@@ -933,3 +933,232 @@ async def delete_cluster_prefix(url: str, prefix: str) -> int:
     finally:
         await client.aclose()
     return deleted
+
+
+# Redis under Sentinel (a primary, a replica, three Sentinels) and Redis over TLS
+
+
+def redis_command(host: str, port: int, *args: str, timeout: float = 1.0) -> Any:
+    """One command on a fresh connection (redis-py's sync client); raises its errors."""
+    import redis
+
+    client = redis.Redis(host=host, port=port, socket_timeout=timeout, decode_responses=True)
+    try:
+        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+class RedisNode(RedisServer):
+    """A throwaway redis-server that may start as a replica of another, and may be SIGKILLed."""
+
+    def __init__(self, replica_of: int | None = None) -> None:
+        self.replica_of = replica_of
+        super().__init__()
+
+    def _command(self) -> list[str]:
+        extra = ["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []
+        return [*super()._command(), *extra]
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, its sockets reset, nothing is handed over."""
+        with self._lock:
+            if self._proc is not None and self.running:
+                self._proc.send_signal(signal.SIGCONT)
+                self._proc.kill()
+                self._proc.wait(STOP_TIMEOUT)
+            self._reap()
+            with _live_lock:
+                _live_servers.discard(self)
+
+
+class SentinelServer(_Server):
+    """A throwaway Redis Sentinel watching `master` as `mymaster` (quorum 2, quick failover)."""
+
+    kind = "sentinel"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, master_port: int, name: str = "mymaster") -> None:
+        self.master_port = master_port
+        self.name = name
+        super().__init__()
+
+    def _prepare(self) -> None:
+        conf = self.dir / "sentinel.conf"
+        if conf.exists():
+            return  # Sentinel rewrites its file: keep what it learnt across restarts
+        conf.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.dir}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 2\n"
+            f"sentinel down-after-milliseconds {self.name} 1000\n"
+            f"sentinel failover-timeout {self.name} 3000\n"
+            f"sentinel parallel-syncs {self.name} 1\n"
+        )
+
+    def _command(self) -> list[str]:
+        return [find_redis_server(), str(self.dir / "sentinel.conf"), "--sentinel"]
+
+    def _answers(self) -> bool:
+        return redis_answers("127.0.0.1", self.port, timeout=0.5)
+
+
+class SentinelTopology:
+    """One primary, one replica and three Sentinels on free ports of 127.0.0.1."""
+
+    name = "mymaster"
+
+    def __init__(self) -> None:
+        self.primary = RedisNode()
+        self.replica: RedisNode | None = None
+        self.sentinels: list[SentinelServer] = []
+
+    @property
+    def nodes(self) -> list[RedisNode]:
+        return [n for n in (self.primary, self.replica) if n is not None]
+
+    @property
+    def sentinel_addresses(self) -> str:
+        """For GATEWAY_REDIS_SENTINELS."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    @property
+    def url(self) -> str:
+        """For REDIS_URL beside the Sentinels (only the db number is read from it)."""
+        return "redis://127.0.0.1:1/0"
+
+    def start(self) -> Self:
+        self.primary.start()
+        self.replica = RedisNode(replica_of=self.primary.port).start()
+        self.sentinels = [SentinelServer(self.primary.port, self.name).start() for _ in range(3)]
+        self.wait_healthy()
+        return self
+
+    def master_port(self) -> int | None:
+        """The primary's port as the first Sentinel that answers names it."""
+        for sentinel in self.sentinels:
+            with contextlib.suppress(Exception):
+                addr = redis_command(
+                    "127.0.0.1", sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name
+                )
+                return int(addr[1]) if addr else None
+        return None
+
+    def node_at(self, port: int) -> RedisNode:
+        return next(n for n in self.nodes if n.port == port)
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every Sentinel sees the primary, the replica and the two other Sentinels, and
+        the replica is in sync: a failover can then be elected and promote it."""
+        deadline = time.monotonic() + timeout
+        problem = "not checked"
+        while time.monotonic() < deadline:
+            problem = self._problem()
+            if not problem:
+                return
+            time.sleep(0.1)
+        raise ServiceError(f"Sentinel topology not healthy within {timeout:.0f}s: {problem}")
+
+    def _problem(self) -> str:
+        try:
+            master = self.master_port()
+            if master is None:
+                return "no primary named"
+            for sentinel in self.sentinels:
+                info = redis_command("127.0.0.1", sentinel.port, "SENTINEL", "MASTER", self.name)
+                if int(info["port"]) != master or "down" in info["flags"]:
+                    return f"sentinel {sentinel.port} sees {info['port']} {info['flags']}"
+                if int(info["num-slaves"]) < 1 or int(info["num-other-sentinels"]) < 2:
+                    return f"sentinel {sentinel.port}: {info['num-slaves']} replicas, " + (
+                        f"{info['num-other-sentinels']} other sentinels"
+                    )
+                replicas = redis_command(
+                    "127.0.0.1", sentinel.port, "SENTINEL", "SLAVES", self.name
+                )
+                for fields in replicas:
+                    if "down" in fields["flags"]:
+                        return f"sentinel {sentinel.port}: replica {fields['port']} down"
+            for node in self.nodes:
+                if node.port == master:
+                    continue
+                info = redis_command("127.0.0.1", node.port, "INFO", "replication")
+                if info.get("master_link_status") != "up" or int(info["master_port"]) != master:
+                    return f"replica {node.port} not in sync with {master}"
+        except Exception as exc:  # a node still starting
+            return repr(exc)
+        return ""
+
+    def close(self) -> None:
+        for server in [*self.sentinels, *self.nodes]:
+            with contextlib.suppress(Exception):
+                server.close()
+
+
+def session_sentinel_topology() -> Iterator[SentinelTopology]:
+    """Generator for a session fixture: a started topology, closed at the end."""
+    topology = SentinelTopology()
+    try:
+        yield topology.start()
+    finally:
+        topology.close()
+
+
+class TlsRedisServer(RedisServer):
+    """A throwaway redis-server that speaks only TLS, with a self-signed CA made by `openssl`
+    (`ca.crt`, and `redis.crt`/`redis.key` for 127.0.0.1 and localhost) in its directory."""
+
+    kind = "redis-tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
+
+    def _prepare(self) -> None:
+        if self.ca_file.exists():
+            return
+        openssl = shutil.which("openssl") or "/usr/bin/openssl"
+        (self.dir / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        steps = [
+            ["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2",
+             "-subj", "/CN=gwtest CA", "-keyout", "ca.key", "-out", "ca.crt"],
+            ["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=127.0.0.1",
+             "-keyout", "redis.key", "-out", "redis.csr"],
+            ["x509", "-req", "-in", "redis.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "redis.crt"],
+        ]  # fmt: skip
+        for step in steps:
+            subprocess.run([openssl, *step], cwd=self.dir, check=True, capture_output=True)
+
+    def _command(self) -> list[str]:
+        return [
+            find_redis_server(),
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(self.dir / "redis.crt"),
+            "--tls-key-file", str(self.dir / "redis.key"),
+            "--tls-ca-cert-file", str(self.ca_file),
+            "--tls-auth-clients", "no",
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--dir", str(self.dir),
+            "--logfile", "",
+        ]  # fmt: skip
+
+    def _answers(self) -> bool:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                    return _recv_exact(sock, 5) == b"+PONG"
+        except (OSError, ConnectionError):
+            return False

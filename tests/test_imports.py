@@ -34,6 +34,7 @@ LAYERS: list[list[str]] = [
         "app.errors",
         "app.config",
         "app.dsn",
+        "app.redisconn",
         "app.models",
         "app.ids",
         "app.metrics",

@@ -437,9 +437,7 @@ async def execute(args: argparse.Namespace, settings: AdminCliSettings) -> Outpu
     waits on Postgres.
     """
     rows: list[AdminAction] = []
-    store = KeyStore(
-        settings.redis_url, settings.redis_prefix, pool_size=2, cluster=settings.redis_cluster
-    )
+    store = KeyStore.from_settings(settings, pool_size=2)
     try:
         command: Command = args.admin
         out = await command(AdminOps(store, rows.append, cli_actor()), args)

@@ -39,6 +39,7 @@ class Authenticator:
         # rotated secret's grace ends); between it and a change of the store's version, no
         # live socket's standing can change, so the 4-a-second check skips the sockets.
         self._next_boundary: datetime | None = None
+        self._keys_unread = False  # a changed version whose keys could not be read yet
 
     async def authenticate(
         self, request: web.Request, *, fresh: bool = False
@@ -103,14 +104,19 @@ class Authenticator:
         since the last tick (the keys are read again); otherwise the sockets are looked at only
         once a key's clock boundary has passed."""
         now = datetime.now(UTC)
+        changed = changed or self._keys_unread
         if not changed and (self._next_boundary is None or now < self._next_boundary):
             return []  # nothing moved: with 10,000 sockets, 40,000 needless checks a second
         live = {s.principal.key_id for s in sockets}
         if changed and live:
             try:
                 self.key_cache = await self.view.store.get_keys(live)
+                self._keys_unread = False
             except GatewayError:
-                pass  # Redis away: live sockets keep serving on what they last saw
+                # Redis away (a failover): live sockets keep serving on what they last saw, and
+                # the keys are read again next tick; the version that moved is already seen, so
+                # without this a revocation made then would never reach them.
+                self._keys_unread = True
         teams, keys, checked_at = self.view.view.teams, self.key_cache, datetime.now(UTC)
         due: list[tuple[LiveSocket, Code]] = []
         for socket in list(sockets):
