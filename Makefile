@@ -22,7 +22,7 @@ COMPILE = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11
 .PHONY: help
 help:
 	@echo "make run    local dev setup: Redis + PostgreSQL, then the gateway (scripts/run-dev.sh)"
-	@echo "make test   lint + the test suite (what CI runs via .ci/run)"
+	@echo "make test   lint + the test suite, then its key-store part on a Redis Cluster (CI)"
 	@echo "make lint   ruff check, ruff format --check, mypy --strict app tests scripts"
 	@echo "make fmt    ruff format + ruff check --fix"
 	@echo "make bench  gateway bench --compare (simulator, bare relay, gateway)"
@@ -57,12 +57,15 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict app tests scripts
 
+# The whole suite on one Redis server (Sentinel tests start their own primary, replica and
+# Sentinels), then the key store's tests again on a throwaway six-node Redis Cluster.
 .PHONY: test
 test: deps venv lint
 	$(BIN)/pytest -q -p no:cacheprovider -rfEs
+	$(MAKE) --no-print-directory test-cluster
 
-# The key store's tests again on a throwaway six-node Redis Cluster (tests/services.py); about
-# a minute, the cluster's start included.
+# The key store's tests on a throwaway six-node Redis Cluster (tests/services.py); about a
+# minute, the cluster's start included.
 CLUSTER_TESTS = tests/test_ws_handshake.py tests/test_admin_api.py tests/test_admin_live.py \
 	tests/test_admin_races.py tests/test_session_limits.py tests/test_hot_path_parts.py \
 	tests/test_guard.py tests/test_secrets.py tests/test_keystore_layout.py
