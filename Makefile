@@ -62,10 +62,10 @@ lint: venv
 .PHONY: test
 test: deps venv lint
 	$(BIN)/pytest -q -p no:cacheprovider -rfEs
-	$(MAKE) --no-print-directory test-cluster
+	$(MAKE) --no-print-directory test-sentinel test-cluster
 
-# The key store's tests on a throwaway six-node Redis Cluster (tests/services.py); about a
-# minute, the cluster's start included.
+# The key store's tests on a throwaway six-node Redis Cluster, and on a primary with a replica
+# under three Sentinels (tests/services.py); about a minute each, the servers' start included.
 CLUSTER_TESTS = tests/test_ws_handshake.py tests/test_admin_api.py tests/test_admin_live.py \
 	tests/test_admin_races.py tests/test_session_limits.py tests/test_hot_path_parts.py \
 	tests/test_guard.py tests/test_secrets.py tests/test_keystore_layout.py
@@ -73,6 +73,10 @@ CLUSTER_TESTS = tests/test_ws_handshake.py tests/test_admin_api.py tests/test_ad
 .PHONY: test-cluster
 test-cluster: venv
 	TEST_REDIS_TOPOLOGY=cluster $(BIN)/pytest -q -p no:cacheprovider -rfEs $(CLUSTER_TESTS)
+
+.PHONY: test-sentinel
+test-sentinel: venv
+	TEST_REDIS_TOPOLOGY=sentinel $(BIN)/pytest -q -p no:cacheprovider -rfEs $(CLUSTER_TESTS)
 
 .PHONY: run
 run: deps venv

@@ -30,6 +30,7 @@ from services import (
     session_postgres_admin_dsn,
     session_redis_cluster_url,
     session_redis_url,
+    session_sentinel_topology,
 )
 
 from app.config import Settings
@@ -47,13 +48,27 @@ TERMINAL = {"response.completed", "response.incomplete", "response.failed", "err
 
 # TEST_REDIS_TOPOLOGY=cluster (`make test-cluster`): the same tests against a Redis Cluster
 # (tests/services.py `RedisCluster`, or TEST_REDIS_CLUSTER_URL), the gateway and every store
-# with GATEWAY_REDIS_CLUSTER.
-REDIS_CLUSTER = os.environ.get("TEST_REDIS_TOPOLOGY", "").strip() == "cluster"
+# with GATEWAY_REDIS_CLUSTER. TEST_REDIS_TOPOLOGY=sentinel (`make test-sentinel`): against a
+# primary, a replica and three Sentinels; the gateway finds the primary through the Sentinels,
+# stores a test makes itself talk to the primary directly.
+REDIS_TOPOLOGY = os.environ.get("TEST_REDIS_TOPOLOGY", "").strip()
+REDIS_CLUSTER = REDIS_TOPOLOGY == "cluster"
+REDIS_SENTINEL = REDIS_TOPOLOGY == "sentinel"
+# The session topology's primary URL -> its GATEWAY_REDIS_SENTINELS (a test that points a
+# gateway at another Redis, an unreachable one say, gets no Sentinels).
+_SENTINELS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    yield from (session_redis_cluster_url() if REDIS_CLUSTER else session_redis_url())
+    if REDIS_CLUSTER:
+        yield from session_redis_cluster_url()
+    elif REDIS_SENTINEL:
+        for topology in session_sentinel_topology():
+            _SENTINELS[topology.primary.url] = topology.sentinel_addresses
+            yield topology.primary.url
+    else:
+        yield from session_redis_url()
 
 
 pg_admin_dsn = pytest.fixture(scope="session")(session_postgres_admin_dsn)
@@ -131,6 +146,7 @@ def gateway_settings(
     values: dict[str, Any] = {
         "REDIS_URL": redis_url,
         "GATEWAY_REDIS_CLUSTER": REDIS_CLUSTER,
+        "GATEWAY_REDIS_SENTINELS": _SENTINELS.get(redis_url, ""),
         "GATEWAY_REDIS_PREFIX": prefix,
         "DATABASE_URL": database_url,
         "OPENAI_BASE_URL": upstream,
