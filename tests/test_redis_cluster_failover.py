@@ -3,10 +3,11 @@
 The Cluster twin of tests/test_redis_sentinel.py `test_primary_killed_under_load`. The test
 starts its own six-node Cluster (tests/services.py `RedisCluster`, cluster-node-timeout 1 s for a
 quick failover), so killing one of its primaries leaves the session's cluster alone and the test
-runs in the plain `make test`. Two gateway nodes with GATEWAY_REDIS_CLUSTER, REDIS_URL a replica
-of another shard (a seed that lives on), 100 sockets streaming and 20 handshakes a second; then
-the primary owning the streaming key's hash slot is SIGKILLed. Its replica is promoted after
-about two seconds; until then calls to that shard fail and the gateway answers 503.
+runs in the plain `make test`. Two gateway nodes with GATEWAY_REDIS_CLUSTER, REDIS_URL a node
+that is a replica at the start (a seed that lives on), 100 sockets streaming and 20 handshakes
+a second; then the primary owning the streaming key's hash slot is SIGKILLed. Its replica is
+promoted after about two seconds; until then calls to that shard fail and the gateway answers
+503.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.exceptions as rex
 from conftest import Gateway, make_tenant
 from services import RedisCluster, RedisClusterNode, redis_command
 from test_admin_live import expelled, socket
@@ -36,6 +38,7 @@ from test_redis_sentinel import (
 )
 from test_ws_checks import assert_usable
 
+from app.errors import Code, GatewayError
 from app.keystore import KeyStore
 from app.models import Limits
 
@@ -250,3 +253,33 @@ async def grab(stack: AsyncExitStack, gw: Gateway, key: str) -> bool:
         assert exc.status == 429, exc
         return False
     return True
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        rex.ConnectionError("refused"),
+        rex.TimeoutError("timed out"),
+        rex.ClusterDownError("CLUSTERDOWN The cluster is down"),
+        rex.SlotNotCoveredError("Slot 1 is not covered"),
+        rex.RedisClusterUnreachableError("no node answers"),
+        rex.TryAgainError("TRYAGAIN"),
+        rex.MovedError("1 127.0.0.1:1"),
+        rex.MaxConnectionsError("too many"),
+        rex.RedisClusterException("no targets"),
+        ConnectionRefusedError(111, "refused"),
+    ],
+    ids=type,
+)
+async def test_every_cluster_error_of_a_failover_is_a_503(error: Exception) -> None:
+    """What redis-py's Cluster client may raise while a primary is failed over: each one a
+    503 `service_unavailable` from `KeyStore._call`, never a 500."""
+    store = KeyStore("redis://127.0.0.1:1/0", "gwtest:nothing", cluster=True)
+
+    async def failing() -> None:
+        raise error
+
+    with pytest.raises(GatewayError) as info:
+        await store._call(failing())
+    assert info.value.code == Code.SERVICE_UNAVAILABLE
+    await store.redis.aclose()
