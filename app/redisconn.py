@@ -143,10 +143,18 @@ def _cluster_client(url: str, pool_size: int, timeout: float) -> Any:
     single server's pool."""
     from redis.asyncio.cluster import RedisCluster
 
+    # A primary SIGKILLed: until its replica is promoted (cluster-node-timeout and an election,
+    # about two seconds with a 1 s node timeout) the surviving nodes still name it as the
+    # slots' owner, so every retry in that window fails the same way. A call retries 3 times
+    # (0.1 + 0.2 + 0.25 s of backoff), each retry after a refresh of the slot map when one is
+    # due: a handshake gets its 503 in well under a second instead of waiting out the failover
+    # (6 retries with a 0.5 s cap held handshakes 3.3 s, tests/test_redis_cluster_failover.py),
+    # and the first refresh after the promotion (redis-py runs at most one a second,
+    # `topology_refresh_min_interval`) sends the next calls to the promoted replica.
     return RedisCluster.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 6),
+        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), 3),
         max_connections=pool_size,
     )

@@ -476,6 +476,17 @@ class RedisServer(_Server):
             if self._proc is not None and self.running:
                 self._proc.send_signal(signal.SIGCONT)
 
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, its sockets reset, nothing is handed over."""
+        with self._lock:
+            if self._proc is not None and self.running:
+                self._proc.send_signal(signal.SIGCONT)
+                self._proc.kill()
+                self._proc.wait(STOP_TIMEOUT)
+            self._reap()
+            with _live_lock:
+                _live_servers.discard(self)
+
 
 def find_postgres_bindir() -> Path:
     """The directory holding initdb and postgres: PATH first, then the newest Debian version."""
@@ -833,7 +844,8 @@ class RedisClusterNode(RedisServer):
 
     kind = "redis-cluster"
 
-    def __init__(self) -> None:
+    def __init__(self, node_timeout_ms: int = 2000) -> None:
+        self.node_timeout_ms = node_timeout_ms
         super().__init__(free_cluster_port())
 
     def _command(self) -> list[str]:
@@ -841,16 +853,18 @@ class RedisClusterNode(RedisServer):
             *super()._command(),
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "2000",
+            "--cluster-node-timeout", str(self.node_timeout_ms),
         ]  # fmt: skip
 
 
 class RedisCluster:
     """Six cluster nodes joined by `redis-cli --cluster create … --cluster-replicas 1`; ready
-    when every node says `cluster_state:ok`. `url` is one seed node (what REDIS_URL names)."""
+    when every node says `cluster_state:ok`. `url` is one seed node (what REDIS_URL names).
+    `node_timeout_ms` (cluster-node-timeout): how long a silent primary takes to be failed
+    over."""
 
-    def __init__(self) -> None:
-        self.nodes = [RedisClusterNode() for _ in range(CLUSTER_NODES)]
+    def __init__(self, node_timeout_ms: int = 2000) -> None:
+        self.nodes = [RedisClusterNode(node_timeout_ms) for _ in range(CLUSTER_NODES)]
 
     @property
     def url(self) -> str:
@@ -950,7 +964,8 @@ def redis_command(host: str, port: int, *args: str, timeout: float = 1.0) -> Any
 
 
 class RedisNode(RedisServer):
-    """A throwaway redis-server that may start as a replica of another, and may be SIGKILLed."""
+    """A throwaway redis-server that may start as a replica of another (and, as every
+    RedisServer, may be SIGKILLed)."""
 
     def __init__(self, replica_of: int | None = None) -> None:
         self.replica_of = replica_of
@@ -959,17 +974,6 @@ class RedisNode(RedisServer):
     def _command(self) -> list[str]:
         extra = ["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []
         return [*super()._command(), *extra]
-
-    def kill(self) -> None:
-        """SIGKILL: the process dies at once, its sockets reset, nothing is handed over."""
-        with self._lock:
-            if self._proc is not None and self.running:
-                self._proc.send_signal(signal.SIGCONT)
-                self._proc.kill()
-                self._proc.wait(STOP_TIMEOUT)
-            self._reap()
-            with _live_lock:
-                _live_servers.discard(self)
 
 
 class SentinelServer(_Server):
