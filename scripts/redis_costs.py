@@ -18,6 +18,9 @@ nodes: the server, the Sentinel primary, the Cluster's primaries) around each ph
   rewrite and the rate-limit spares' give-back included: it waits for both);
 - close: the sockets closed one after another, after the release batch has flushed.
 
+With `--run CMD…` it only starts the servers of one --topology and runs CMD with REDIS_URL (and
+GATEWAY_REDIS_CLUSTER or GATEWAY_REDIS_SENTINELS) set for them, e.g. `gateway bench --compare`.
+
 Each phase's counts less the idle rate times the phase's duration, divided by its operations.
 Round trips are counted in the client: every `send_packed_command` of redis-py's asyncio
 connections (one per command sent alone, one per pipeline per node; a connection's setup
@@ -31,6 +34,8 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import os
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -451,13 +456,36 @@ def _rows(r: Result) -> list[tuple[str, Phase]]:
     ]
 
 
+def run_against(topology: str, argv: list[str]) -> int:
+    servers = start_servers(topology)
+    try:
+        env = dict(os.environ)
+        env.update({k: str(v).lower() if v is True else str(v) for k, v in servers.env.items()})
+        print(
+            f"{topology}: REDIS_URL={env['REDIS_URL']} data nodes {servers.data}", file=sys.stderr
+        )
+        return subprocess.run(argv, env=env, check=False).returncode
+    finally:
+        servers.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--topology", choices=(*TOPOLOGIES, "all"), default="all")
     parser.add_argument("--sockets", type=int, default=50)
     parser.add_argument("--turns", type=int, default=200)
     parser.add_argument("--idle-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--run",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="start one --topology's servers and run CMD against them (REDIS_URL etc. set)",
+    )
     args = parser.parse_args()
+    if args.run:
+        if args.topology == "all":
+            parser.error("--run needs one --topology")
+        sys.exit(await asyncio.to_thread(run_against, args.topology, args.run))
     _count_client_side()
     chosen = TOPOLOGIES if args.topology == "all" else (args.topology,)
     results = []
