@@ -1,7 +1,7 @@
 """What Redis costs per operation, on one server, under Sentinel and on a Redis Cluster.
 
     .venv/bin/python scripts/redis_costs.py [--topology single|sentinel|cluster|all]
-                                            [--sockets 50] [--turns 200] [--idle-seconds 3]
+                                            [--sockets 50] [--turns 200] [--idle-seconds 5]
 
 For each topology it starts throwaway servers with tests/services.py (one redis-server; a
 primary, a replica and three Sentinels; six Cluster nodes), then the simulator and one gateway
@@ -24,8 +24,9 @@ GATEWAY_REDIS_CLUSTER or GATEWAY_REDIS_SENTINELS) set for them, e.g. `gateway be
 Each phase's counts less the idle rate times the phase's duration, divided by its operations.
 Round trips are counted in the client: every `send_packed_command` of redis-py's asyncio
 connections (one per command sent alone, one per pipeline per node; a connection's setup
-commands and health-check PINGs count too), wrapped here only. `INFO` is left out of the
-commands (this script sends it, and so do Sentinels). Not a test: figures, no assertions.
+commands and health-check PINGs count too), wrapped here only. `INFO` (this script's,
+Sentinels') and `REPLCONF` (replicas' acknowledgements) are left out of the commands. Not a
+test: figures, no assertions.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ def start_servers(topology: str) -> Servers:
     return Servers(cluster_env, primaries, close=cluster.close)
 
 
+# This script's INFO (Sentinels send it too) and replicas' acknowledgements (REPLCONF ACK, once a
+# second per replica, starting whenever a replica's sync is done): never the gateway's.
+_NOT_THE_CLIENTS = frozenset({"INFO", "REPLCONF"})
 _INFO: dict[int, Any] = {}  # one connection per node for INFO: no HELLO per snapshot
 
 
@@ -168,7 +172,7 @@ def commandstats(ports: list[int]) -> Counts:
         stats = _INFO[port].info("commandstats")
         for name, fields in stats.items():
             command = name.removeprefix("cmdstat_").upper()
-            if command != "INFO":
+            if command not in _NOT_THE_CLIENTS:
                 total[command] += int(fields["calls"])
     return total
 
@@ -419,7 +423,8 @@ def print_table(results: list[Result], sockets: int, turns: int) -> None:
             "nodes: data nodes summed (the server; the Sentinel primary; the Cluster's primaries)."
             " sent: commands the client sent (a script: one EVALSHA); round trips: the client's"
             " writes to the data nodes (a Cluster pipeline writes to each node it touches, in"
-            " parallel); +xS: round trips to Sentinels; run by Redis: INFO commandstats, a script's"
+            " parallel: which primaries the prefix's keys land on varies from run to run); +xS:"
+            " round trips to Sentinels; run by Redis: INFO commandstats, a script's"
             " own calls included. Per operation, less the idle rate. idle/s: the gateway with no"
             " traffic, the servers' own noise (noise/s: replication, Sentinels) taken out.",
             100,
@@ -474,7 +479,7 @@ async def main() -> None:
     parser.add_argument("--topology", choices=(*TOPOLOGIES, "all"), default="all")
     parser.add_argument("--sockets", type=int, default=50)
     parser.add_argument("--turns", type=int, default=200)
-    parser.add_argument("--idle-seconds", type=float, default=3.0)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument(
         "--run",
         nargs=argparse.REMAINDER,
