@@ -1,7 +1,9 @@
 """What `gateway bench --compare` starts: a simulator, a bare relay and a gateway, as processes.
 
 The gateway gets its own Redis key prefix (on the Redis at REDIS_URL, or a throwaway
-redis-server when none answers), its own migrated database next to DATABASE_URL's (or
+redis-server when none answers; a Cluster or Sentinels when GATEWAY_REDIS_CLUSTER or
+GATEWAY_REDIS_SENTINELS say so, in the environment or in --gateway-env, which the bench's own key
+store then follows too), its own migrated database next to DATABASE_URL's (or
 DATABASE_URL itself when no database can be created there), and a dev team and key made with the
 key store. Everything is removed again when the run ends.
 """
@@ -124,10 +126,31 @@ def _python(*args: str) -> list[str]:
 
 @dataclass
 class Backing:
-    redis_url: str
-    prefix: str
+    redis: RedisSettings  # the gateway's topology (REDIS_URL, Cluster or Sentinels), its prefix
     database_url: str
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.redis_url
+
+    @property
+    def prefix(self) -> str:
+        return self.redis.redis_prefix
+
+
+# What of --gateway-env also says where the bench's own key store goes: the gateway's Redis.
+_REDIS_ENV = (
+    "REDIS_URL",
+    "GATEWAY_REDIS_CLUSTER",
+    "GATEWAY_REDIS_SENTINELS",
+    "GATEWAY_REDIS_SENTINEL_MASTER",
+)
+
+
+def redis_settings(gateway_env: dict[str, str]) -> RedisSettings:
+    """The gateway's Redis settings: the environment's, with --gateway-env's over them."""
+    return load(RedisSettings, **{k: v for k, v in gateway_env.items() if k in _REDIS_ENV})
 
 
 def _free_port() -> int:
@@ -139,18 +162,22 @@ def _free_port() -> int:
         return port
 
 
-async def _redis_answers(url: str) -> bool:
-    store = KeyStore(url, "gwbench-probe", pool_size=1)
+async def _redis_answers(settings: RedisSettings) -> bool:
+    store = KeyStore.from_settings(settings, pool_size=1)
     try:
         return await store.ping()
     finally:
         await store.close()
 
 
-async def _redis(stack: AsyncExitStack, workdir: Path, notes: list[str]) -> str:
-    url = load(RedisSettings).redis_url
-    if await _redis_answers(url):
+async def _redis(
+    stack: AsyncExitStack, workdir: Path, notes: list[str], settings: RedisSettings
+) -> str:
+    url = settings.redis_url
+    if await _redis_answers(settings):
         return url
+    if settings.redis_cluster or settings.sentinel_addresses:
+        raise BenchError(f"no Redis answers at {url} (a Cluster or Sentinels: none is started)")
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.access(server, os.X_OK):
         raise BenchError(f"no Redis answers at {url} and redis-server is not installed")
@@ -216,7 +243,7 @@ async def _database(stack: AsyncExitStack, workdir: Path, notes: list[str]) -> s
 
 async def _tenant(backing: Backing, model: str, limits: bool) -> str:
     """The bench team (all openai/* models, generous limits), a price for `model`, a new key."""
-    store = KeyStore(backing.redis_url, backing.prefix)
+    store = KeyStore.from_settings(backing.redis)
     try:
         caps = Limits()
         if limits:  # high enough never to refuse, so the limit checks run but never bite
@@ -235,8 +262,11 @@ async def _tenant(backing: Backing, model: str, limits: bool) -> str:
         await store.close()
 
 
-async def _forget_prefix(redis_url: str, prefix: str) -> None:
-    store = KeyStore(redis_url, prefix, pool_size=1)
+async def _forget_prefix(settings: RedisSettings) -> None:
+    """The run's keys removed: SCAN for the prefix and UNLINK. On a Cluster, redis-py's client
+    scans every primary and splits each UNLINK by hash slot (one command's keys share one)."""
+    store = KeyStore.from_settings(settings, pool_size=4)
+    prefix = settings.redis_prefix
     try:
         keys = [key async for key in store.redis.scan_iter(match=f"{prefix}:*", count=1000)]
         for start in range(0, len(keys), 500):
@@ -300,11 +330,13 @@ async def bed(
         if keep is None:
             exits.callback(shutil.rmtree, workdir, True)
         notes: list[str] = []
-        redis_url = await _redis(exits, workdir, notes)
+        settings = redis_settings(gateway_env)
+        redis_url = await _redis(exits, workdir, notes, settings)
         prefix = f"gwbench:{secrets.token_hex(8)}"
-        exits.push_async_callback(_forget_prefix, redis_url, prefix)
+        settings = settings.model_copy(update={"redis_url": redis_url, "redis_prefix": prefix})
+        exits.push_async_callback(_forget_prefix, settings)
         database_url = await _database(exits, workdir, notes)
-        backing = Backing(redis_url, prefix, database_url, notes)
+        backing = Backing(settings, database_url, notes)
         key = await _tenant(backing, model, limits)
         yield Bed(workdir, backing, key, model, gateway_env, exits)
 
@@ -320,6 +352,10 @@ def _gateway_env(bed: Bed, upstream_http: str, tag: str) -> dict[str, str]:
         GATEWAY_SPILL_DIR=str(bed.workdir / f"spill-{tag}"),
         GATEWAY_DRAIN_SECONDS="1",
         REDIS_URL=bed.backing.redis_url,
+        # The topology the bench's own key store used (the environment's or --gateway-env's).
+        GATEWAY_REDIS_CLUSTER=str(bed.backing.redis.redis_cluster).lower(),
+        GATEWAY_REDIS_SENTINELS=bed.backing.redis.redis_sentinels,
+        GATEWAY_REDIS_SENTINEL_MASTER=bed.backing.redis.redis_sentinel_master,
         DATABASE_URL=bed.backing.database_url,
         OPENAI_BASE_URL=upstream_http,
         OPENAI_API_KEY=UPSTREAM_KEY,
