@@ -271,6 +271,34 @@ def test_every_kind_of_row_survives_the_journal_encoding() -> None:
         assert decode_line(encode_line(row)) == row
 
 
+def test_a_spill_directory_being_made_is_never_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers start at once: one hunts orphans at the worst moment for the other, after
+    the other made its directory and before it locked it. The hunter must not take it (before:
+    `spill directory … is locked by another process`, and the worker did not start)."""
+    from app.ledger import journal
+
+    other = Journal(tmp_path)
+    other.open()
+    real_lock = journal._try_lock
+    hunted: list[Path] = []
+
+    def hunt_first(directory: Path) -> int | None:
+        if not hunted:
+            hunted.append(directory)
+            other.adopt_orphans()
+        return real_lock(directory)
+
+    monkeypatch.setattr(journal, "_try_lock", hunt_first)
+    mine = Journal(tmp_path)
+    assert mine.open() == []
+    assert mine.directory.is_dir() and not other._adopted
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [other.directory.name, mine.directory.name]
+    )
+
+
 def test_journal_keeps_order_and_puts_a_head_segment_first(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     assert journal.open() == []

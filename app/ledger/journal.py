@@ -85,14 +85,20 @@ class Journal:
 
     def open(self) -> list[tuple[Path, int]]:
         """Take this instance's directory and adopt orphans: their segments and line counts."""
+        # The race: another process adopting orphans could lock a new directory between its
+        # mkdir and our lock (and remove it as empty). So the directory is made and locked
+        # under a name orphan hunts pass over (a leading dot), and only then given its name.
+        staging = self.root / f".{self.directory.name}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self.directory.mkdir()
-            fd = _try_lock(self.directory)
+            staging.mkdir()
+            fd = _try_lock(staging)
+            if fd is not None:
+                staging.rename(self.directory)
         except OSError as exc:
             raise LedgerError(f"cannot use GATEWAY_SPILL_DIR {self.root}: {exc}") from exc
-        if fd is None:  # pragma: no cover - a fresh random name
-            raise LedgerError(f"spill directory {self.directory} is locked by another process")
+        if fd is None:  # pragma: no cover - a fresh random name nobody else looks at
+            raise LedgerError(f"spill directory {staging} is locked by another process")
         self._lock_fd = fd
         return self.adopt_orphans()
 
@@ -103,7 +109,8 @@ class Journal:
         from a shell) may have left rows behind while this one was running.
         """
         segments: list[tuple[Path, int]] = []
-        for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        found = (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for directory in sorted(found):
             if directory != self.directory and directory not in self._adopted:
                 segments.extend(self._adopt(directory))
         return segments
