@@ -530,11 +530,23 @@ class PostgresServer(_Server):
     kind = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        tls: bool = False,
+        standby_of: PostgresServer | None = None,
+    ) -> None:
+        """`tls`: `ssl=on` with a self-signed certificate for 127.0.0.1 (its copy for clients:
+        `ca_file`). `standby_of`: a hot standby of that running server (pg_basebackup -R), which
+        takes no writes (`in_hot_standby`, `transaction_read_only` on)."""
         self._owner = _cluster_owner()
         self.bindir = find_postgres_bindir()
+        self.tls = tls
+        self.standby_of = standby_of
         super().__init__(port)
         self.data_dir = self.dir / "data"
+        self.ca_file = self.dir / "ca.crt"
 
     @property
     def dsn(self) -> str:
@@ -568,8 +580,25 @@ class PostgresServer(_Server):
     def _prepare(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
             return
-        result = subprocess.run(
-            [
+        if self.standby_of is not None:
+            # initdb's pg_hba.conf trusts replication from 127.0.0.1; -R writes primary_conninfo
+            # and standby.signal, so the copy starts as a hot standby streaming from the primary.
+            # Next to the real postgres binary (PATH may hold symlinks to initdb/postgres only).
+            basebackup = (self.bindir / "postgres").resolve().parent / "pg_basebackup"
+            self._run_as_owner(
+                "pg_basebackup",
+                str(basebackup),
+                "-D", str(self.data_dir),
+                "-h", "127.0.0.1",
+                "-p", str(self.standby_of.port),
+                "-U", "postgres",
+                "-X", "stream",
+                "-R",
+                "--no-sync",
+            )  # fmt: skip
+        else:
+            self._run_as_owner(
+                "initdb",
                 str(self.bindir / "initdb"),
                 "-D", str(self.data_dir),
                 "-A", "trust",
@@ -577,17 +606,48 @@ class PostgresServer(_Server):
                 "-E", "UTF8",
                 "--no-locale",
                 "--no-sync",
-            ],
+            )  # fmt: skip
+        if self.tls:
+            self._make_certificate()
+
+    def _run_as_owner(self, what: str, *command: str) -> None:
+        result = subprocess.run(
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=self.dir,
             check=False,
             **self._popen_extra(),
-        )  # fmt: skip
+        )
         if result.returncode != 0:
             output = result.stdout.decode(errors="replace")
-            raise ServiceError(f"initdb failed ({result.returncode}):\n{output}")
+            raise ServiceError(f"{what} failed ({result.returncode}):\n{output}")
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1 in the data dir (postgres's default
+        ssl_cert_file/ssl_key_file names), the key 0600 and the cluster owner's as postgres
+        demands; a copy of the certificate is the clients' CA file."""
+        openssl = shutil.which("openssl") or "/usr/bin/openssl"
+        crt, key = self.data_dir / "server.crt", self.data_dir / "server.key"
+        result = subprocess.run(
+            [
+                openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=127.0.0.1",
+                "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(key), "-out", str(crt),
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise ServiceError(f"openssl failed ({result.returncode}):\n{result.stderr.decode()}")
+        key.chmod(0o600)
+        if self._owner is not None:
+            for path in (crt, key):
+                os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
+        shutil.copyfile(crt, self.ca_file)
 
     def _command(self) -> list[str]:
         settings = {
@@ -599,6 +659,8 @@ class PostgresServer(_Server):
             "max_connections": "200",
             "logging_collector": "off",
         }
+        if self.tls:
+            settings["ssl"] = "on"  # pg_hba's `host` lines match TLS and plain connections alike
         command = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
         for key, value in settings.items():
             command += ["-c", f"{key}={value}"]

@@ -16,6 +16,7 @@ An applied file must not change: its SHA-256 is kept and checked, and a mismatch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -39,6 +40,7 @@ _NO_TRANSACTION = "-- migrate: no-transaction"
 _MIGRATE_LOCK = 0x67776D696772
 _CREATE_DB_LOCK = 0x677763726462
 _CONNECT_TIMEOUT = 10.0
+_CREATED_DATABASE_WAIT = 30.0  # for a standby listed first to replay CREATE DATABASE
 
 _SCHEMA_MIGRATIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -141,7 +143,23 @@ async def _connect_creating(database_url: str) -> asyncpg.Connection:
     except asyncpg.InvalidCatalogNameError:  # 3D000: the database does not exist
         pass
     await _create_database(database_url, database_name(database_url))
-    return await _connect(database_url)
+    # With several hosts (`h1,h2/db?target_session_attrs=read-write`) asyncpg tries them in order
+    # and gives up at the first server error, trying no further host: a hot standby listed before
+    # the primary answers "database does not exist" until it has replayed our CREATE DATABASE (a
+    # moment, on a healthy standby). So wait for it a little, then fail in one line.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _CREATED_DATABASE_WAIT
+    while True:
+        try:
+            return await _connect(database_url)
+        except asyncpg.InvalidCatalogNameError as exc:
+            if loop.time() >= deadline:
+                raise MigrationError(
+                    f"database {database_name(database_url)!r} was created but is still missing "
+                    f"at {_where(database_url)} after {_CREATED_DATABASE_WAIT:.0f} s "
+                    "(a standby listed before the primary that does not catch up?)"
+                ) from exc
+            await asyncio.sleep(0.2)
 
 
 async def _connect(database_url: str, **overrides: Any) -> asyncpg.Connection:
