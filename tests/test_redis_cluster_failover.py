@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.exceptions as rex
-from conftest import Gateway, make_tenant
+from conftest import Gateway, eventually, make_tenant
 from services import RedisCluster, RedisClusterNode, redis_command
 from test_admin_live import expelled, socket
 from test_redis_sentinel import (
@@ -176,7 +176,7 @@ async def test_cluster_primary_killed_under_load(
     assert old.port != seed.port
     # Keys on the same shard: one to revoke after the promotion, one with a cap of one socket.
     victim_id, victim = await key_on_shard(store, seed, "victim", old, Limits())
-    _, capped = await key_on_shard(store, seed, "capped", old, Limits(sockets_per_key=1))
+    capped_id, capped = await key_on_shard(store, seed, "capped", old, Limits(sockets_per_key=1))
     async with AsyncExitStack() as stack:
         idle = [await stack.enter_async_context(socket(gw, victim)) for gw in (gateway, node_b)]
         for ws in idle:
@@ -223,6 +223,13 @@ async def test_cluster_primary_killed_under_load(
         async with aiohttp.ClientSession() as http:
             status, code, _ = await status_of(http, node_b, capped)
         assert (status, code) == (429, "too_many_connections")
+
+    # The first socket's slot is given back once the gateway has seen it close (a release
+    # batched for 50 ms): only then does the race start from a free slot.
+    async def slot_free() -> bool:
+        return int(await store.redis.zcard(store.key_slots(capped_id))) == 0
+
+    await eventually(slot_free, timeout=5)
     async with AsyncExitStack() as stack:
         won = await asyncio.gather(
             *(grab(stack, (gateway, node_b)[i % 2], capped) for i in range(10))
