@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import UPSTREAM_KEY, Sim, eventually, make_tenant
-from fleet import (
+from fleet_harness import (
     ADMIN_TOKEN,
     Figures,
     Fleet,
