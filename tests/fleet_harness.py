@@ -397,13 +397,20 @@ async def agent(
 
 
 async def run_agents(
-    url: str, key: str, clients: int, stop: asyncio.Event, figures: Figures, seed: int = 1
+    url: str,
+    key: str,
+    clients: int,
+    stop: asyncio.Event,
+    figures: Figures,
+    seed: int = 1,
+    **options: Any,
 ) -> None:
+    """`clients` agents until `stop`; `options` go to each `agent` (think, deltas...)."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         await asyncio.gather(
             *(
-                agent(n, http, url, key, stop, figures, random.Random(seed * 10_000 + n))
+                agent(n, http, url, key, stop, figures, random.Random(seed * 10_000 + n), **options)
                 for n in range(clients)
             )
         )
@@ -438,6 +445,21 @@ async def ledger_counts(database_url: str, key_id: str) -> dict[str, int]:
     finally:
         await conn.close()
     return {r["response_id"]: r["n"] for r in rows}
+
+
+async def live_slots(redis_url: str, prefix: str, key_id: str, team_id: str) -> dict[str, int]:
+    """Members of the key's and team's slot sets whose lease has not lapsed."""
+    store = KeyStore(redis_url, prefix)
+    client = aioredis.from_url(redis_url)
+    now = int(time.time() * 1000)
+    try:
+        return {
+            "key": await client.zcount(store.key_slots(key_id), now, "+inf"),
+            "team": await client.zcount(store.team_slots(team_id), now, "+inf"),
+        }
+    finally:
+        await client.aclose()
+        await store.close()
 
 
 async def slots_held(redis_url: str, prefix: str, key_id: str, team_id: str) -> dict[str, int]:

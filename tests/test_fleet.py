@@ -8,7 +8,9 @@ ledger has one row per response, and no socket slot is left behind. The figures 
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
+import time
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +22,7 @@ from fleet_harness import (
     Fleet,
     haproxy_binary,
     ledger_counts,
+    live_slots,
     rolling_restart,
     run_agents,
     run_haproxy,
@@ -109,3 +112,94 @@ async def test_rolling_restart_behind_haproxy_cuts_nothing(
     assert figures.tool_calls > 0
     # One ledger row per response, none missing, none twice.
     assert rows == dict.fromkeys(figures.started, 1)
+
+
+async def test_a_node_killed_mid_stream_loses_its_sockets_and_their_slots_lapse(
+    sim: Sim, redis_url: str, redis_prefix: str, database_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL, no drain: the node's clients see their sockets close (responses in flight cut:
+    nothing can finish them), reconnect through HAProxy onto the other nodes and go on; the dead
+    node's socket slots lapse within a minute (their 45 s leases are no longer renewed)."""
+    clients = 12
+    store = KeyStore(redis_url, redis_prefix)
+    tenant = await make_tenant(store, limits=Limits(sockets_per_key=1000, sockets_per_team=1000))
+    await store.close()
+    fleet = Fleet.make(
+        tmp_path,
+        NODES,
+        REDIS_URL=redis_url,
+        GATEWAY_REDIS_PREFIX=redis_prefix,
+        DATABASE_URL=database_url,
+        OPENAI_BASE_URL=sim.base_url,
+        OPENAI_API_KEY=UPSTREAM_KEY,
+        GATEWAY_ENV="dev",
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        GATEWAY_LOG_LEVEL="WARNING",
+    )
+    figures = Figures()
+    stop = asyncio.Event()
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        try:
+            for i in range(NODES):
+                await fleet.start(i, http)
+            async with run_haproxy(tmp_path, fleet.ports, "inter 200ms fall 1 rise 2") as haproxy:
+                await haproxy.wait_up(http)
+                # Responses of about 2 s with short pauses: most sockets are mid-stream.
+                agents = asyncio.create_task(
+                    run_agents(
+                        haproxy.ws_url,
+                        tenant.key,
+                        clients,
+                        stop,
+                        figures,
+                        think=(0.05, 0.2),
+                        deltas=40,
+                        delay_ms=50,
+                    )
+                )
+
+                async def on_victim() -> int:
+                    async with http.get(fleet.base(1) + "/admin/v1/sessions", headers=headers) as r:
+                        nodes = [s["node"] for s in (await r.json())["data"]]
+                    assert nodes.count("n0") >= 2, nodes
+                    return nodes.count("n0")
+
+                victims = await eventually(on_victim, timeout=20, interval=0.1)
+                await asyncio.sleep(1)  # their responses are streaming
+                before = set(figures.started)
+                await fleet.stop(0, signal.SIGKILL)
+                killed_at = time.monotonic()
+                await asyncio.sleep(5)  # the cut clients reconnect and run turns elsewhere
+                stop.set()
+                await asyncio.wait_for(agents, 60)
+                after = figures.started - before
+                # Every client closed its socket; what is left are the dead node's slots.
+                held = await live_slots(redis_url, redis_prefix, tenant.key_id, tenant.team.id)
+                assert 0 < held["key"] <= victims + 2, held
+
+                async def lapsed() -> None:
+                    held = await live_slots(redis_url, redis_prefix, tenant.key_id, tenant.team.id)
+                    assert held == {"key": 0, "team": 0}, held
+
+                await eventually(lapsed, timeout=75, interval=0.5)
+                lapse = time.monotonic() - killed_at
+            for i in (1, 2):
+                assert await fleet.stop(i) == 0
+        finally:
+            await fleet.close()
+
+    rows = await ledger_counts(database_url, tenant.key_id)
+    recon = figures.reconnects
+    print(
+        f"\nkill: {clients} clients, {victims} on the killed node; {figures.summary()}\n"
+        f"slots lapsed {lapse:.0f}s after the kill; ledger rows {sum(rows.values())}"
+    )
+    assert figures.cut, "the kill cut no response (none was in flight)"
+    assert len(figures.cut) <= victims + 2
+    assert figures.errors == [], figures.errors[:3]
+    assert recon and max(recon) < 10, recon
+    assert lapse < 60
+    # Nothing twice; every response started after the kill (on the other nodes) has its row.
+    assert all(n == 1 for n in rows.values())
+    assert after and all(rows.get(r) == 1 for r in after)
