@@ -72,8 +72,12 @@ def render_haproxy(listen: int, stats: int, ports: list[int], check: str) -> str
         words = line.split("#")[0].split()
         if words[:1] == ["bind"]:
             line = f"    bind 127.0.0.1:{listen}"
-        elif words[:1] == ["default-server"]:
-            line = f"    default-server check {check} maxconn 10000"
+        elif words[:1] == ["default-server"]:  # the check's timing replaced, the rest kept
+            timing = {"inter", "fastinter", "downinter", "fall", "rise"}
+            kept = [
+                w for j, w in enumerate(words) if w not in timing and words[j - 1] not in timing
+            ]
+            line = "    " + " ".join([*kept, check])
         elif words[:1] == ["server"]:
             continue
         elif words[:1] == ["maxconn"]:  # under this machine's file limit
