@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages `make run` / `make test` need, from Debian's packages, only when
 # they are missing: redis-server, PostgreSQL (server binaries), python3 + venv support, and the
-# ops tools the tests run (tests/test_ops_*.py): Prometheus (prometheus, promtool) and systemd's
-# systemd-analyze. The ops tools come without their recommended packages (no node exporter daemon).
+# ops tools the tests run (tests/test_ops_*.py, tests/test_fleet.py): Prometheus (prometheus,
+# promtool), systemd's systemd-analyze and HAProxy (haproxy -c on ops/haproxy.cfg, the fleet test). The ops tools come without their recommended packages (no node exporter daemon).
 # Idempotent: prints nothing and exits 0 when everything is already there.
 set -euo pipefail
 
@@ -40,6 +40,9 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
 fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
     ops_missing+=(systemd)
+fi
+if ! command -v haproxy >/dev/null 2>&1 && [[ ! -x /usr/sbin/haproxy ]]; then
+    ops_missing+=(haproxy)
 fi
 
 if [[ ${#missing[@]} -eq 0 && ${#ops_missing[@]} -eq 0 ]]; then

@@ -8,6 +8,7 @@ real gateway (Redis, Postgres, the simulator), on the WebSocket handshake, `POST
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 from conftest import MODEL, Gateway, Sim, Tenant, gateway_settings
+from multidict import CIMultiDict
 from test_ws_checks import assert_usable
 from test_ws_handshake import assert_http_error
 
@@ -169,7 +171,7 @@ async def handshake(
 
 
 async def post(
-    gateway: Gateway, path: str, headers: dict[str, str], body: Any = None
+    gateway: Gateway, path: str, headers: Mapping[str, str], body: Any = None
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.url(path), headers=headers, json=body) as resp:
@@ -367,6 +369,12 @@ async def test_a_trusted_proxy_names_the_address_in_its_right_most_entry(
     assert status == 200
     status, body, _ = await post(gateway, "/v1/responses", WRONG)  # no header: the peer
     assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+    # A proxy that adds a header line of its own (HAProxy's `option forwardfor`) after the
+    # client's forged one: its line counts, not the client's.
+    for i in range(2):
+        two_lines = CIMultiDict([*WRONG.items(), ("X-Forwarded-For", f"10.8.8.{i}")])
+        two_lines.add("X-Forwarded-For", "203.0.113.5")
+        assert_limited(*await post(gateway, "/v1/responses", two_lines))
     # An IPv6 client's whole /64 shares its budget.
     for i in range(LIMIT):
         v6 = {**WRONG, "X-Forwarded-For": f"2001:db8:5:6::{i + 1}"}

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from app import metrics
+from app.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"
@@ -274,3 +275,41 @@ def test_histogram_buckets_suit_their_measure() -> None:
     assert ttfe[0] <= 0.05 and ttfe[-1] >= 60
     duration = bounds(metrics.RESPONSE_DURATION)
     assert duration[0] <= 0.1 and duration[-1] >= 600
+
+
+def haproxy_binary() -> str:
+    """Debian's haproxy (scripts/install-system-deps.sh): PATH, else /usr/sbin; else skip."""
+    found = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+    if found is None:
+        pytest.skip("haproxy is not installed (make deps installs it)")
+    return found
+
+
+def test_haproxy_config_is_valid_and_suits_websockets() -> None:
+    result = run(haproxy_binary(), "-c", "-f", str(OPS / "haproxy.cfg"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (OPS / "haproxy.cfg").read_text()
+    lines = [line.split("#")[0].split() for line in text.splitlines()]
+    lines = [words for words in lines if words]
+
+    def seconds(name: str) -> float:
+        (value,) = [w[2] for w in lines if w[:2] == ["timeout", name]]
+        number, unit = re.fullmatch(r"(\d+)(ms|s|m|h)?", value).groups()  # type: ignore[union-attr]
+        return int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit or "ms"]
+
+    # After the upgrade only `timeout tunnel` applies: above the gateway's idle socket limit, so
+    # the gateway (with a close frame) ends an idle socket first, never the proxy.
+    idle = Settings.model_fields["idle_socket_seconds"].default
+    upstream_idle = Settings.model_fields["upstream_idle_seconds"].default
+    assert seconds("tunnel") > idle
+    assert min(seconds("client"), seconds("server")) > upstream_idle  # SSE of POST /v1/responses
+    assert ["balance", "leastconn"] in lines
+    assert ["option", "forwardfor"] in lines
+    assert ["http-check", "expect", "status", "200"] in lines
+    assert any(w[:2] == ["http-check", "send"] and "/readyz" in w for w in lines)
+    default_server = next(w for w in lines if w[0] == "default-server")
+    assert "check" in default_server and default_server[default_server.index("fall") + 1] == "1"
+    # A node marked down (draining) keeps its sockets: the gateway finishes them and closes 1001.
+    assert not any("on-marked-down" in words for words in lines)

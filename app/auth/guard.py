@@ -120,10 +120,13 @@ class AuthGuard:
         Taking the left-most would let a client pick a fresh address for every attempt. Behind
         two proxies the right-most entry is the outer proxy's address: have the inner proxy
         replace the header rather than append to it. A request without the header (one that did
-        not come through the proxy) is counted by its peer address.
+        not come through the proxy) is counted by its peer address. A proxy that adds a header
+        line of its own instead of extending the client's (HAProxy's `option forwardfor`) wrote
+        the last line, so the last line's right-most entry is the one.
         """
         if self.trust:
-            forwarded = right_most(request.headers.get(hdrs.X_FORWARDED_FOR, ""))
+            lines = request.headers.getall(hdrs.X_FORWARDED_FOR, ())
+            forwarded = right_most(lines[-1]) if lines else ""
             if forwarded:
                 return client_key(forwarded[:_MAX_ADDRESS_CHARS])  # cut before the cache
         return client_key(request.remote or "")
