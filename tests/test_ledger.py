@@ -417,6 +417,17 @@ async def test_a_close_may_land_before_its_open_and_replays_change_nothing(
     assert dict(again) == dict(row)
 
 
+async def test_a_close_spilled_before_partitioning_finds_its_open_half(
+    ledger: Ledger, db: asyncpg.Connection
+) -> None:
+    ledger.record(opened("upgraded"))
+    assert await ledger.flushed()
+    ledger.record(closed("upgraded", opened_at=None, close_code=1001))
+    assert await ledger.flushed()
+    rows = await db.fetch("SELECT opened_at, close_code FROM sockets WHERE socket_id = 'upgraded'")
+    assert [tuple(r) for r in rows] == [(NOW, 1001)]
+
+
 async def test_record_is_cheap_and_never_raises(ledger: Ledger) -> None:
     ledger.record(object())  # type: ignore[arg-type]
     ledger.record(None)  # type: ignore[arg-type]
