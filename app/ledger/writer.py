@@ -579,6 +579,9 @@ async def prune(
     `ledger_drop_partitions` in migrations). Another node doing it at the same time: []."""
     conn: asyncpg.Connection = await asyncpg.connect(database_url, timeout=10.0)
     try:
+        # DROP of a partition locks its parent exclusively: waiting behind a long query would
+        # queue every writer behind it, so give up after a while and try again next round.
+        await conn.execute("SET lock_timeout = '5s'")
         rows = await conn.fetch(
             "SELECT ledger_drop_partitions($1) AS name", older_than, timeout=timeout
         )
