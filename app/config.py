@@ -152,6 +152,10 @@ class Settings(RedisSettings, DatabaseSettings):
     http_fallback: bool = Field(default=True, alias="GATEWAY_HTTP_FALLBACK")
     drain_seconds: float = Field(default=30, alias="GATEWAY_DRAIN_SECONDS", ge=0)
     spill_dir: Path = Field(default=Path("./var/spill"), alias="GATEWAY_SPILL_DIR")
+    # Ledger partitions (a month each) entirely older than this many days are dropped; 0: never.
+    ledger_retention_days: int = Field(
+        default=365, alias="GATEWAY_LEDGER_RETENTION_DAYS", ge=0, le=36500
+    )
     node_id: str | None = Field(default=None, alias="GATEWAY_NODE_ID")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", alias="GATEWAY_LOG_LEVEL"

@@ -7,6 +7,7 @@ import logging
 import math
 import weakref
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from aiohttp import web
 
@@ -29,7 +30,12 @@ _CLOSE_WAIT_SECONDS = 2.0
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_frame_bytes)
     store = KeyStore.from_settings(settings)
-    ledger = Ledger(settings.database_url, settings.spill_dir)
+    retention = settings.ledger_retention_days
+    ledger = Ledger(
+        settings.database_url,
+        settings.spill_dir,
+        retention=timedelta(days=retention) if retention else None,
+    )
     node = Node(settings, store, ledger)
     app[NODE] = node
     app[AUTH_GUARD] = AuthGuard.from_settings(settings)

@@ -457,6 +457,7 @@ class Session:
                 upstream_close_reason=upstream_close[1],
                 turns=self.turns,
                 model=self.model,
+                opened_at=self.opened_at,
             )
         )
         if conn is not None:

@@ -91,6 +91,7 @@ def session_rows(n: int) -> list[Row]:
                 upstream_close_reason="",
                 turns=TURNS_PER_SOCKET,
                 model="openai/gpt-5",
+                opened_at=now,
             )
         )
     return rows[:n]

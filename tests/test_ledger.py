@@ -30,6 +30,7 @@ from app.ledger import (
     SocketClosed,
     SocketOpened,
     TurnRecord,
+    ensure_partitions,
     migrate,
     prune,
 )
@@ -104,6 +105,7 @@ def closed(socket_id: str, **kw: Any) -> SocketClosed:
         "upstream_close_reason": "",
         "turns": 2,
         "model": "openai/gpt-5",
+        "opened_at": NOW,
     }
     values.update(kw)
     return SocketClosed(**values)
@@ -158,13 +160,14 @@ def metric(name: str) -> float:
 async def test_migrate_creates_the_database_and_applies_nothing_twice(pg_admin_dsn: str) -> None:
     dsn, drop = fresh_database(pg_admin_dsn, create=False)
     try:
-        assert await migrate(dsn) == ["0001_ledger.sql"]
+        assert await migrate(dsn) == [m.name for m in load_migrations()]
         assert await migrate(dsn) == []
         conn = await asyncpg.connect(dsn)
         try:
             names = await conn.fetchval(
-                "SELECT array_agg(tablename::text ORDER BY tablename) FROM pg_tables "
-                "WHERE schemaname = 'public'"
+                "SELECT array_agg(relname::text ORDER BY relname) FROM pg_class "
+                "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p') "
+                "AND NOT relispartition"
             )
             applied = await conn.fetchval("SELECT count(*) FROM schema_migrations")
         finally:
@@ -218,7 +221,8 @@ async def test_a_failed_migration_leaves_no_trace_and_names_itself(
         conn = await asyncpg.connect(dsn)
         try:
             assert await conn.fetchval("SELECT to_regclass('public.half_done')") is None
-            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+            applied = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+            assert applied == len(load_migrations())
         finally:
             await conn.close()
     finally:
@@ -413,6 +417,17 @@ async def test_a_close_may_land_before_its_open_and_replays_change_nothing(
     assert dict(again) == dict(row)
 
 
+async def test_a_close_spilled_before_partitioning_finds_its_open_half(
+    ledger: Ledger, db: asyncpg.Connection
+) -> None:
+    ledger.record(opened("upgraded"))
+    assert await ledger.flushed()
+    ledger.record(closed("upgraded", opened_at=None, close_code=1001))
+    assert await ledger.flushed()
+    rows = await db.fetch("SELECT opened_at, close_code FROM sockets WHERE socket_id = 'upgraded'")
+    assert [tuple(r) for r in rows] == [(NOW, 1001)]
+
+
 async def test_record_is_cheap_and_never_raises(ledger: Ledger) -> None:
     ledger.record(object())  # type: ignore[arg-type]
     ledger.record(None)  # type: ignore[arg-type]
@@ -463,23 +478,196 @@ async def test_rows_recorded_after_close_are_spilled_for_the_next_start(
     assert [p.name for p in spill.iterdir()] == []
 
 
-async def test_prune_deletes_what_is_older_than_the_cutoff(
+def month_start(at: datetime, months: int = 0) -> datetime:
+    """The first instant (UTC) of the month `months` after the one of `at`."""
+    index = at.year * 12 + at.month - 1 + months
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+async def partitions(db: asyncpg.Connection, table: str) -> list[str]:
+    names: list[str] | None = await db.fetchval(
+        "SELECT array_agg(inhrelid::regclass::text ORDER BY 1) FROM pg_inherits "
+        "WHERE inhparent = $1::regclass",
+        table,
+    )
+    return names or []
+
+
+async def test_retention_drops_only_whole_partitions_older_than_the_cutoff(
     ledger_db: str, ledger: Ledger, db: asyncpg.Connection
 ) -> None:
-    old = NOW - timedelta(days=400)
-    ledger.record(turn(received_at=old))
-    ledger.record(turn())
-    ledger.record(opened("old-sock", opened_at=old))
-    ledger.record(closed("old-sock", closed_at=old))
-    ledger.record(opened("never-closed", opened_at=old))
-    ledger.record(opened("live-sock"))
-    ledger.record(admin(at=old))
-    ledger.record(admin())
+    cutoff = month_start(NOW, -6)
+    old = [month_start(NOW, -8) + timedelta(days=3), month_start(NOW, -7) + timedelta(days=9)]
+    kept = cutoff + timedelta(days=1)  # its partition's month is not entirely older
+    for month in [*old, kept]:
+        for table, key in (
+            ("sockets", "opened_at"),
+            ("turns", "received_at"),
+            ("admin_actions", "at"),
+        ):
+            await db.execute("SELECT ledger_month_partition($1, $2, $3)", table, key, month)
+    for i, at in enumerate([*old, kept, NOW]):
+        ledger.record(turn(received_at=at))
+        ledger.record(opened(f"s{i}", opened_at=at))
+        ledger.record(closed(f"s{i}", opened_at=at, closed_at=at + timedelta(minutes=5)))
+        ledger.record(admin(at=at))
     assert await ledger.flushed()
-    assert await prune(ledger_db, NOW - timedelta(days=365)) == 4
-    assert await db.fetchval("SELECT count(*) FROM turns") == 1
-    assert await db.fetchval("SELECT array_agg(socket_id) FROM sockets") == ["live-sock"]
-    assert await db.fetchval("SELECT count(*) FROM admin_actions") == 1
+    before = {t: await partitions(db, t) for t in TABLES}
+
+    dropped = await prune(ledger_db, cutoff)
+    print("dropped:", dropped)
+    expected = sorted(
+        f"{t}_p{m:%Y_%m}" for t in TABLES for m in (month_start(old[0]), month_start(old[1]))
+    )
+    assert sorted(dropped) == expected
+    for t in TABLES:
+        assert sorted(set(before[t]) - set(await partitions(db, t))) == [
+            name for name in expected if name.startswith(f"{t}_p")
+        ]
+    assert await db.fetchval("SELECT count(*) FROM turns") == 2
+    assert await db.fetchval("SELECT array_agg(socket_id ORDER BY 1) FROM sockets") == ["s2", "s3"]
+    assert await db.fetchval("SELECT count(*) FROM admin_actions") == 2
+    assert await prune(ledger_db, cutoff) == []  # nothing more to drop
+
+
+async def test_partitions_ahead_exist_and_a_row_of_a_future_month_is_written(
+    ledger_db: str, ledger: Ledger, db: asyncpg.Connection
+) -> None:
+    await ensure_partitions(ledger_db)
+    assert await ensure_partitions(ledger_db) == []  # created once
+    for t in TABLES:
+        names = await partitions(db, t)
+        for ahead in range(3):
+            assert f"{t}_p{month_start(NOW, ahead):%Y_%m}" in names
+    first_instant = month_start(NOW, 2)  # 00:00 UTC of the month after next
+    ledger.record(turn(received_at=first_instant))
+    ledger.record(opened("future", opened_at=first_instant))
+    ledger.record(admin(at=first_instant))
+    assert await ledger.flushed()
+    where = f"{first_instant:%Y_%m}"
+    assert await db.fetchval(f"SELECT count(*) FROM turns_p{where}") == 1
+    assert await db.fetchval(f"SELECT count(*) FROM sockets_p{where}") == 1
+    assert await db.fetchval(f"SELECT count(*) FROM admin_actions_p{where}") == 1
+    for t in TABLES:
+        assert await db.fetchval(f"SELECT count(*) FROM {t}_default") == 0
+
+
+async def test_migration_from_an_unpartitioned_ledger_keeps_every_row(
+    pg_admin_dsn: str, tmp_path: Path
+) -> None:
+    only_first = tmp_path / "migrations"
+    only_first.mkdir()
+    shutil.copy(MIGRATIONS_DIR / "0001_ledger.sql", only_first)
+    dsn, drop = fresh_database(pg_admin_dsn, create=False)
+    try:
+        assert await migrate(dsn, only_first) == ["0001_ledger.sql"]
+        conn = await asyncpg.connect(dsn)
+        try:
+            # 5 months of rows: 100 turns, 50 sockets, 20 admin actions a month.
+            first = month_start(NOW, -5)
+            month = "$1::timestamptz + (i % 5) * interval '1 month'"
+            await conn.execute(
+                "INSERT INTO turns (row_id, node, key_id, key_prefix, team_id, transport, "
+                "received_at, accepted, cost_usd) SELECT gen_random_uuid(), 'n', "
+                f"'key-' || (i % 3), 'gw_', 'acme', 'ws', {month} + i * interval '1 minute', "
+                "true, 0.01 FROM generate_series(1, 500) AS i",
+                first,
+            )
+            await conn.execute(
+                "INSERT INTO sockets (socket_id, node, opened_at, closed_at, closed_by, "
+                f"close_code) SELECT 'sock-' || i, 'n', {month} + i * interval '1 minute', "
+                f"{month} + i * interval '2 minute', 'client', 1000 "
+                "FROM generate_series(1, 250) AS i",
+                first,
+            )
+            # A close whose open never arrived: no opened_at.
+            await conn.execute(
+                "INSERT INTO sockets (socket_id, closed_at, closed_by) "
+                "VALUES ('orphan', $1, 'client')",
+                NOW,
+            )
+            await conn.execute(
+                "INSERT INTO admin_actions (row_id, actor, action, target, at) "
+                f"SELECT gen_random_uuid(), 'a', 'keys.create', 't', {month} "
+                "FROM generate_series(1, 100) AS i",
+                first,
+            )
+            by_id = "SELECT array_agg({0}::text ORDER BY {0}) FROM {1}"
+            ids = {
+                "turns": by_id.format("row_id", "turns"),
+                "sockets": by_id.format("socket_id", "sockets"),
+                "admin_actions": by_id.format("row_id", "admin_actions"),
+            }
+            before = {t: await conn.fetchval(q) for t, q in ids.items()}
+            counts = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES}
+            responses = await conn.fetchval("SELECT count(*) FROM responses")
+
+            # Two migrators at once: the advisory lock lets one apply, the other finds it done.
+            results = await asyncio.gather(migrate(dsn), migrate(dsn))
+            assert sorted(name for r in results for name in r) == ["0002_partitions.sql"]
+            assert await migrate(dsn) == []  # and again: nothing
+
+            after = {t: await conn.fetchval(q) for t, q in ids.items()}
+            print("rows per table before/after:", counts, {t: len(v) for t, v in after.items()})
+            assert after == before
+            assert {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES} == counts
+            assert await conn.fetchval("SELECT count(*) FROM responses") == responses
+            for t in TABLES:
+                assert (
+                    await conn.fetchval(
+                        "SELECT relkind::text FROM pg_class WHERE oid = $1::regclass", t
+                    )
+                    == "p"
+                )
+                # The old table is one partition (attached, not copied) for its months.
+                assert f"{t}_legacy" in await partitions(conn, t)
+                assert await conn.fetchval(f"SELECT count(*) FROM {t}_legacy") == counts[t] - (
+                    t == "sockets"
+                )
+            assert await conn.fetchval("SELECT socket_id FROM sockets_default") == "orphan"
+        finally:
+            await conn.close()
+
+        # The writer's statements work on the migrated ledger, replays included.
+        led = Ledger(dsn, tmp_path / "spill", flush_interval=0.02)
+        await led.start()
+        try:
+            row = turn(received_at=month_start(NOW, 1))
+            led.record(row)
+            led.record(row)
+            led.record(opened("new", opened_at=NOW))
+            led.record(closed("new", opened_at=NOW, closed_at=NOW))
+            led.record(closed("new", opened_at=NOW, closed_at=NOW))
+            assert await led.flushed()
+        finally:
+            await led.close()
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert (
+                await conn.fetchval("SELECT count(*) FROM turns WHERE row_id = $1", row.row_id) == 1
+            )
+            assert await conn.fetchval("SELECT count(*) FROM sockets WHERE socket_id = 'new'") == 1
+        finally:
+            await conn.close()
+    finally:
+        drop()
+
+
+async def test_explain_of_a_time_range_reads_only_the_partitions_in_range(
+    ledger_db: str, db: asyncpg.Connection
+) -> None:
+    await ensure_partitions(ledger_db)
+    this = f"{NOW:%Y_%m}"
+    start = month_start(NOW)
+    queries = {
+        "responses_of_key": ("key-1", start + timedelta(days=1), start + timedelta(days=2)),
+        "spend_per_team_per_day": (start.date(), (start + timedelta(days=2)).date()),
+    }
+    for name, args in queries.items():
+        text = await explain(db, doc_query(name), args)
+        print(f"{name}:\n{text}")
+        read = sorted(set(re.findall(r"\bturns_(p\d{4}_\d{2}|legacy|default)\b", text)))
+        assert read == [f"p{this}"], text
 
 
 # -- the three queries of docs/ledger.md -----------------------------------------------------------
@@ -493,11 +681,23 @@ def doc_query(name: str) -> str:
     raise AssertionError(f"no query {name!r} in {DOCS}")
 
 
-async def uses_index(db: asyncpg.Connection, sql: str, args: tuple[Any, ...], index: str) -> bool:
+async def explain(db: asyncpg.Connection, sql: str, args: tuple[Any, ...]) -> str:
     async with db.transaction():
         await db.execute("SET LOCAL enable_seqscan = off")
+        await db.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         plan = await db.fetch(f"EXPLAIN {sql}", *args)
-    return any(index in line["QUERY PLAN"] for line in plan)
+    return "\n".join(line["QUERY PLAN"] for line in plan)
+
+
+async def uses_index(db: asyncpg.Connection, sql: str, args: tuple[Any, ...], index: str) -> bool:
+    """Whether the plan reads `index` of a partitioned table (through its partitions' copies)."""
+    text = await explain(db, sql, args)
+    copies = await db.fetchval(
+        "SELECT array_agg(inhrelid::regclass::text) FROM pg_inherits "
+        "WHERE inhparent = $1::regclass",
+        index,
+    )
+    return any(f" {name} " in text + " " for name in [index, *(copies or [])])
 
 
 async def test_query_responses_of_a_key_in_a_time_range(

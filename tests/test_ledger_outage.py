@@ -113,6 +113,7 @@ def conversation(socket_id: str, turns: int) -> list[Row]:
             close_reason="",
             turns=turns,
             model="openai/gpt-5",
+            opened_at=now,
         )
     )
     return rows

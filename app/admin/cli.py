@@ -411,7 +411,7 @@ def cli_actor() -> Actor:
 
 async def record_rows(rows: list[AdminAction], settings: AdminCliSettings) -> None:
     """Write a command's audit rows; while Postgres is away they wait in the spill dir."""
-    ledger = Ledger(settings.database_url, settings.spill_dir, retention=None)
+    ledger = Ledger(settings.database_url, settings.spill_dir, retention=None, partitions=False)
     quiet = logging.getLogger("app.ledger")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its "rows wait in memory" would mislead: this process ends

@@ -7,7 +7,7 @@ The only package that runs SQL. Sessions build rows (`rows.py`) and hand them to
 from app.ledger.errors import LedgerError, MigrationError
 from app.ledger.migrate import migrate
 from app.ledger.rows import AdminAction, Row, SocketClosed, SocketOpened, TurnRecord
-from app.ledger.writer import Ledger, prune
+from app.ledger.writer import Ledger, ensure_partitions, prune
 
 __all__ = [
     "AdminAction",
@@ -18,6 +18,7 @@ __all__ = [
     "SocketClosed",
     "SocketOpened",
     "TurnRecord",
+    "ensure_partitions",
     "migrate",
     "prune",
 ]

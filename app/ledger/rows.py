@@ -57,6 +57,9 @@ class SocketClosed:
     upstream_close_reason: str | None = None
     turns: int = 0
     model: str | None = None
+    # The socket row's partition key (sockets are partitioned by month on opened_at). None only
+    # in a close spilled before partitioning; the statement then looks it up.
+    opened_at: datetime | None = None
     row_id: uuid.UUID = dataclasses.field(default_factory=_new_row_id)
 
 

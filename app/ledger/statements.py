@@ -7,9 +7,14 @@ them in C: 1.5 times the rows per second of binding one array per column, where 
 checks every element in Python (scripts/bench_ledger.py). Postgres converts each field to its
 column type, so a bad value fails as a SQLSTATE class 22 error: the writer's refused row.
 
-Idempotency, which makes replays harmless:
-- turns and admin actions: `ON CONFLICT (row_id) DO NOTHING`;
-- sockets: one row per socket, filled in two halves. An open fills the open half only while
+Idempotency, which makes replays harmless. The tables are partitioned by month on their time
+column (migrations/0002_partitions.sql), and a unique key must include it, so each key is
+(id, time); every row carries its time and a replay carries the same one, so this is as
+exactly-once as the id alone was:
+- turns and admin actions: `ON CONFLICT (row_id, <time>) DO NOTHING`;
+- sockets: one row per socket, keyed by (socket_id, opened_at), filled in two halves; the close
+  carries the socket's opened_at (a close spilled before partitioning, without one, takes it
+  from the open half already written, if any). An open fills the open half only while
   `open_row_id` is NULL, a close the close half only while `close_row_id` is NULL, each by upsert,
   so either may land first (a close replayed from a journal before its open, say) and a replayed
   half changes nothing.
@@ -49,7 +54,13 @@ _CLOSE_COLUMNS = (
     ("upstream_close_reason", "upstream_close_reason", "text"),
     ("turns", "turns", "integer"),
     ("model", "model", "text"),
+    ("opened_at", "opened_at", "timestamptz"),
 )
+# A close without opened_at (spilled before partitioning) finds it in its socket's open half.
+_FILL = {
+    "opened_at": "COALESCE(r.opened_at, (SELECT s.opened_at FROM sockets AS s "
+    "WHERE s.socket_id = r.socket_id AND s.opened_at IS NOT NULL LIMIT 1))"
+}
 _TURN_COLUMNS = tuple(
     (name, name, pgtype)
     for name, pgtype in (
@@ -95,9 +106,9 @@ _ADMIN_COLUMNS = tuple(
 Columns = tuple[tuple[str, str, str], ...]
 
 
-def _insert(table: str, columns: Columns, tail: str) -> str:
+def _insert(table: str, columns: Columns, tail: str, fill: dict[str, str] | None = None) -> str:
     names = ", ".join(column for column, _, _ in columns)
-    fields = ", ".join(f"r.{field}" for _, field, _ in columns)
+    fields = ", ".join((fill or {}).get(column, f"r.{field}") for column, field, _ in columns)
     record = ", ".join(f"{field} {pgtype}" for _, field, pgtype in columns)
     return (
         f"INSERT INTO {table} ({names}) SELECT {fields} "
@@ -108,6 +119,8 @@ def _insert(table: str, columns: Columns, tail: str) -> str:
 def _set(columns: Columns, special: dict[str, str]) -> str:
     assignments = []
     for column, _, _ in columns[1:]:  # never the conflict key
+        if column == "opened_at":  # the partition key, part of the conflict key
+            continue
         value = special.get(column, f"EXCLUDED.{column}")
         assignments.append(f"{column} = {value}")
     return ", ".join(assignments)
@@ -116,19 +129,20 @@ def _set(columns: Columns, special: dict[str, str]) -> str:
 OPEN_SQL = _insert(
     "sockets",
     _OPEN_COLUMNS,
-    "ON CONFLICT (socket_id) DO UPDATE SET "
+    "ON CONFLICT (socket_id, opened_at) DO UPDATE SET "
     + _set(_OPEN_COLUMNS, {"model": "COALESCE(sockets.model, EXCLUDED.model)"})
     + " WHERE sockets.open_row_id IS NULL",
 )
 CLOSE_SQL = _insert(
     "sockets",
     _CLOSE_COLUMNS,
-    "ON CONFLICT (socket_id) DO UPDATE SET "
+    "ON CONFLICT (socket_id, opened_at) DO UPDATE SET "
     + _set(_CLOSE_COLUMNS, {"model": "COALESCE(EXCLUDED.model, sockets.model)"})
     + " WHERE sockets.close_row_id IS NULL",
+    _FILL,
 )
-TURN_SQL = _insert("turns", _TURN_COLUMNS, "ON CONFLICT (row_id) DO NOTHING")
-ADMIN_SQL = _insert("admin_actions", _ADMIN_COLUMNS, "ON CONFLICT (row_id) DO NOTHING")
+TURN_SQL = _insert("turns", _TURN_COLUMNS, "ON CONFLICT (row_id, received_at) DO NOTHING")
+ADMIN_SQL = _insert("admin_actions", _ADMIN_COLUMNS, "ON CONFLICT (row_id, at) DO NOTHING")
 
 
 def _json_default(value: Any) -> Any:

@@ -8,7 +8,10 @@ Everything else happens in background tasks:
 - the spill task moves the oldest rows from memory to a sealed journal segment (`journal.py`)
   when memory holds more than `memory_rows`, or when Postgres has been down for a while (so a
   crash during an outage loses little);
-- the prune task deletes rows older than `retention` about once an hour.
+- the partition task (CONTRACT.md §6; the tables are partitioned by month) creates the
+  partitions of this month and the next two at start and then every hour, so an insert at 00:00
+  UTC of a new month always finds its partition, and drops the partitions whose whole month is
+  older than `retention` (None: keep forever).
 
 Order. All rows form one queue, oldest first:
 
@@ -51,9 +54,10 @@ _SPILL_WHEN_DOWN_AFTER = 2.0
 _PING_EVERY = 5.0
 # Rows left in the spill dir by a process that stopped while this one runs (an admin command).
 _ORPHAN_SCAN_EVERY = 30.0
-_FIRST_PRUNE_AFTER = 60.0
-_PRUNE_EVERY = 3600.0
+_MAINTAIN_EVERY = 3600.0  # partitions ahead and retention; hourly (a month needs only daily)
+_MAINTAIN_RETRY = 60.0  # after a failure (Postgres down at start, say)
 _PRUNE_TIMEOUT = 600.0
+MONTHS_AHEAD = 2
 
 
 class _State(enum.Enum):
@@ -90,6 +94,7 @@ class Ledger:
         batch_size: int = 500,
         flush_interval: float = 0.1,
         retention: timedelta | None = timedelta(days=365),
+        partitions: bool = True,
         connect_timeout: float = 5.0,
         command_timeout: float = 10.0,
     ) -> None:
@@ -100,6 +105,7 @@ class Ledger:
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._retention = retention
+        self._partitions = partitions
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._journal = Journal(Path(spill_dir))
@@ -179,8 +185,10 @@ class Ledger:
         self._writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
         self._spiller = asyncio.create_task(self._spill_loop(), name="ledger-spiller")
         self._tasks = [self._writer, self._spiller]
-        if self._retention is not None:
-            self._tasks.append(asyncio.create_task(self._prune_loop(), name="ledger-prune"))
+        if self._partitions:
+            self._tasks.append(
+                asyncio.create_task(self._partition_loop(), name="ledger-partitions")
+            )
 
     async def flushed(self, timeout: float = 5.0) -> bool:
         """Wait until every row recorded so far (and every adopted one) is in Postgres."""
@@ -535,17 +543,25 @@ class Ledger:
 
     # -- retention ------------------------------------------------------------------------------
 
-    async def _prune_loop(self) -> None:
-        assert self._retention is not None
-        await asyncio.sleep(_FIRST_PRUNE_AFTER)
+    async def _partition_loop(self) -> None:
         while True:
+            delay = _MAINTAIN_EVERY
             try:
-                deleted = await prune(self._database_url, datetime.now(UTC) - self._retention)
-                if deleted:
-                    log.info("ledger: pruned %d row(s) older than %s", deleted, self._retention)
+                created = await ensure_partitions(self._database_url)
+                if created:
+                    log.info("ledger: created partitions %s", ", ".join(created))
+                if self._retention is not None:
+                    dropped = await prune(self._database_url, datetime.now(UTC) - self._retention)
+                    if dropped:
+                        log.info(
+                            "ledger: dropped partitions %s (retention %s)",
+                            ", ".join(dropped),
+                            self._retention,
+                        )
             except Exception as exc:
-                log.warning("ledger: prune failed: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(_PRUNE_EVERY)
+                log.warning("ledger: partition upkeep failed: %s: %s", type(exc).__name__, exc)
+                delay = _MAINTAIN_RETRY
+            await asyncio.sleep(delay)
 
 
 def _rejected_form(row: Row) -> Any:
@@ -556,14 +572,36 @@ def _rejected_form(row: Row) -> Any:
         return repr(row)
 
 
-async def prune(database_url: str, older_than: datetime, *, timeout: float = _PRUNE_TIMEOUT) -> int:
-    """Delete ledger rows older than `older_than` (see `ledger_prune` in migrations)."""
+async def prune(
+    database_url: str, older_than: datetime, *, timeout: float = _PRUNE_TIMEOUT
+) -> list[str]:
+    """Drop the partitions entirely older than `older_than`; their names (see
+    `ledger_drop_partitions` in migrations). Another node doing it at the same time: []."""
     conn: asyncpg.Connection = await asyncpg.connect(database_url, timeout=10.0)
     try:
-        deleted: Any = await conn.fetchval("SELECT ledger_prune($1)", older_than, timeout=timeout)
-        return int(deleted or 0)
+        # DROP of a partition locks its parent exclusively: waiting behind a long query would
+        # queue every writer behind it, so give up after a while and try again next round.
+        await conn.execute("SET lock_timeout = '5s'")
+        rows = await conn.fetch(
+            "SELECT ledger_drop_partitions($1) AS name", older_than, timeout=timeout
+        )
+        return [str(row["name"]) for row in rows]
     finally:
         await conn.close()
 
 
-__all__ = ["Ledger", "LedgerError", "prune"]
+async def ensure_partitions(
+    database_url: str, months_ahead: int = MONTHS_AHEAD, *, timeout: float = _PRUNE_TIMEOUT
+) -> list[str]:
+    """Create the partitions of this month and `months_ahead` more (UTC); the names created."""
+    conn: asyncpg.Connection = await asyncpg.connect(database_url, timeout=10.0)
+    try:
+        rows = await conn.fetch(
+            "SELECT ledger_ensure_partitions($1) AS name", months_ahead, timeout=timeout
+        )
+        return [str(row["name"]) for row in rows]
+    finally:
+        await conn.close()
+
+
+__all__ = ["Ledger", "LedgerError", "ensure_partitions", "prune"]
