@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import UPSTREAM_KEY, Sim, eventually, make_tenant
+from conftest import UPSTREAM_KEY, Sim, Tenant, eventually, make_tenant
 from fleet_harness import (
     ADMIN_TOKEN,
     Figures,
@@ -40,11 +40,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def test_rolling_restart_behind_haproxy_cuts_nothing(
-    sim: Sim, redis_url: str, redis_prefix: str, database_url: str, tmp_path: Path
-) -> None:
+async def tenant_and_fleet(
+    sim: Sim,
+    redis_url: str,
+    redis_prefix: str,
+    database_url: str,
+    tmp_path: Path,
+    **settings: str,
+) -> tuple[Tenant, Fleet]:
+    """A tenant with socket caps (every socket takes a slot of the key's and the team's sets)
+    and NODES `gateway serve` nodes behind HAProxy, not started yet."""
     store = KeyStore(redis_url, redis_prefix)
-    # Socket caps, so every socket takes a slot of the key's and the team's sets.
     tenant = await make_tenant(store, limits=Limits(sockets_per_key=1000, sockets_per_team=1000))
     await store.close()
     fleet = Fleet.make(
@@ -57,9 +63,23 @@ async def test_rolling_restart_behind_haproxy_cuts_nothing(
         OPENAI_API_KEY=UPSTREAM_KEY,
         GATEWAY_ENV="dev",
         ADMIN_TOKEN=ADMIN_TOKEN,
+        GATEWAY_LOG_LEVEL="WARNING",
+        **settings,
+    )
+    return tenant, fleet
+
+
+async def test_rolling_restart_behind_haproxy_cuts_nothing(
+    sim: Sim, redis_url: str, redis_prefix: str, database_url: str, tmp_path: Path
+) -> None:
+    tenant, fleet = await tenant_and_fleet(
+        sim,
+        redis_url,
+        redis_prefix,
+        database_url,
+        tmp_path,
         GATEWAY_DRAIN_SECONDS="15",
         GATEWAY_TRUST_FORWARDED_FOR="true",
-        GATEWAY_LOG_LEVEL="WARNING",
     )
     figures = Figures()
     stop = asyncio.Event()
@@ -121,21 +141,7 @@ async def test_a_node_killed_mid_stream_loses_its_sockets_and_their_slots_lapse(
     nothing can finish them), reconnect through HAProxy onto the other nodes and go on; the dead
     node's socket slots lapse within a minute (their 45 s leases are no longer renewed)."""
     clients = 12
-    store = KeyStore(redis_url, redis_prefix)
-    tenant = await make_tenant(store, limits=Limits(sockets_per_key=1000, sockets_per_team=1000))
-    await store.close()
-    fleet = Fleet.make(
-        tmp_path,
-        NODES,
-        REDIS_URL=redis_url,
-        GATEWAY_REDIS_PREFIX=redis_prefix,
-        DATABASE_URL=database_url,
-        OPENAI_BASE_URL=sim.base_url,
-        OPENAI_API_KEY=UPSTREAM_KEY,
-        GATEWAY_ENV="dev",
-        ADMIN_TOKEN=ADMIN_TOKEN,
-        GATEWAY_LOG_LEVEL="WARNING",
-    )
+    tenant, fleet = await tenant_and_fleet(sim, redis_url, redis_prefix, database_url, tmp_path)
     figures = Figures()
     stop = asyncio.Event()
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

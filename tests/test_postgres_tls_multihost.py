@@ -18,12 +18,13 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from conftest import Gateway, Sim, gateway_settings, make_tenant, turn
+from conftest import Gateway, Sim, make_tenant
 from services import PostgresServer, fresh_database_name
+from test_ledger_gateway import _node as node
+from test_ledger_gateway import _turns as turns
 
 from app.ledger.migrate import load_migrations
 from app.node import NODE
-from app.server import create_app
 
 MIGRATE_SECONDS = 60.0
 
@@ -68,28 +69,6 @@ async def fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         return list(await conn.fetch(sql, *args))
     finally:
         await conn.close()
-
-
-async def node(
-    aiohttp_server: Any, redis_url: str, prefix: str, database_url: str, sim: Sim, spill: Path
-) -> Gateway:
-    app = create_app(gateway_settings(redis_url, prefix, database_url, sim.base_url, spill))
-    return Gateway(await aiohttp_server(app), app)
-
-
-async def turns(gateway: Gateway, key: str, n: int) -> list[str]:
-    """n sockets with one turn each: the response ids the client saw (never an error)."""
-    ids = []
-    async with aiohttp.ClientSession() as http:
-        for _ in range(n):
-            ws = await http.ws_connect(
-                gateway.url("/v1/responses"), headers={"Authorization": f"Bearer {key}"}
-            )
-            events = await turn(ws)
-            assert events[-1]["type"] == "response.completed", events[-1]
-            ids.append(events[-1]["response"]["id"])
-            await ws.close()
-    return ids
 
 
 async def readyz(gateway: Gateway) -> dict[str, Any]:
