@@ -32,6 +32,7 @@ class Spec:
     status: int
     message: str
     close_code: int | None = None  # a WebSocket close right after the error frame
+    type: str | None = None  # `error.type` when the status does not decide it
 
 
 class Code(enum.StrEnum):
@@ -41,6 +42,7 @@ class Code(enum.StrEnum):
     RESPONSE_ALREADY_IN_FLIGHT = "response_already_in_flight"
     MODEL_MISMATCH = "model_mismatch"
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+    INSUFFICIENT_QUOTA = "insufficient_quota"
     UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED = "upstream_websocket_handshake_failed"
     UPSTREAM_WEBSOCKET_CLOSED = "upstream_websocket_closed"
     PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"
@@ -71,6 +73,11 @@ SPECS: dict[Code, Spec] = {
     ),
     Code.MODEL_MISMATCH: Spec(400, "This socket is locked to another model."),
     Code.RATE_LIMIT_EXCEEDED: Spec(429, "Rate limit exceeded: too many responses per minute."),
+    # OpenAI's own code and type for an exhausted quota: Codex and openai-python stop on it
+    # instead of retrying.
+    Code.INSUFFICIENT_QUOTA: Spec(
+        429, "Spend limit reached for this period.", type="insufficient_quota"
+    ),
     Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED: Spec(
         502, "Could not open the upstream WebSocket to OpenAI."
     ),
@@ -131,7 +138,7 @@ class GatewayError(Exception):
 
     def error_object(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "type": error_type_for(self.status),
+            "type": self.spec.type or error_type_for(self.status),
             "code": str(self.code),
             "message": self.message,
             "param": self.param,

@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import hiredis
 import orjson
@@ -138,6 +138,70 @@ while got < want and size < fill do
 end
 redis.call('PEXPIRE', KEYS[1], 61000)
 return {1, got}
+"""
+# Check 8 with token or spend limits (app/spend.py), on the key's slot: the response window, the
+# token window, the key's spend today, in the contract's order, and the turn counted in the
+# response window only when all three pass. KEYS: response window, token window, key-day spend.
+# ARGV: now_ms, responses limit, member, tokens limit, day cap (nano-USD; 0 = none).
+# Returns {0 accepted | 1 responses | 2 tokens | 3 spend | 4 spend counter missing, figure}:
+# the tokens of the last minute for 2, the spend for 0 and 3.
+# Tokens are counted per second (`HINCRBY window <second> <tokens>`): a 60 s window of at most
+# 60 fields.
+_JUDGE_KEY = """
+local now = tonumber(ARGV[1])
+local rpm = tonumber(ARGV[2])
+local tpm = tonumber(ARGV[4])
+local cap = tonumber(ARGV[5])
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+  if redis.call('ZCARD', KEYS[1]) >= rpm then return {1, 0} end
+end
+if tpm > 0 then
+  local used = 0
+  local oldest = math.floor(now / 1000) - 59
+  local fields = redis.call('HGETALL', KEYS[2])
+  for i = 1, #fields, 2 do
+    if tonumber(fields[i]) < oldest then
+      redis.call('HDEL', KEYS[2], fields[i])
+    else
+      used = used + tonumber(fields[i + 1])
+    end
+  end
+  if used >= tpm then return {2, used} end
+end
+local spent = 0
+if cap > 0 then
+  local value = redis.call('GET', KEYS[3])
+  if not value then return {4, 0} end
+  spent = tonumber(value)
+  if spent >= cap then return {3, spent} end
+end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], 61000)
+end
+return {0, spent}
+"""
+# A finished response's cost and tokens on the key's slot. KEYS: key-day spend, token window.
+# ARGV: nano-USD, tokens, second. A spend counter is only added to, never created: one that is
+# missing (a new day, a Redis that lost it) is rebuilt from the ledger, which has this
+# response's row, before it is next read (app/spend.py).
+_ADD_KEY = """
+if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], 61000)
+end
+return 1
+"""
+# The same on the team's slot. KEYS: team-day and team-month spend. ARGV: nano-USD.
+_ADD_TEAM = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], ARGV[1]) end
+end
+return 1
 """
 
 
@@ -314,6 +378,9 @@ class KeyStore:
             _hiredis_packing(self.redis.connection_pool)
         self._take_slot = self.redis.register_script(_TAKE_SLOT)
         self._rate = self.redis.register_script(_RATE)
+        self._judge_key = self.redis.register_script(_JUDGE_KEY)
+        self._add_key = self.redis.register_script(_ADD_KEY)
+        self._add_team = self.redis.register_script(_ADD_TEAM)
         self._batch = _Batcher(self.redis)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
@@ -355,6 +422,15 @@ class KeyStore:
 
     def rate_window(self, key_id: str) -> str:
         return f"{self.prefix}:{{k:{key_id}}}:rl"
+
+    def token_window(self, key_id: str) -> str:
+        return f"{self.prefix}:{{k:{key_id}}}:tpm"
+
+    def key_spend(self, key_id: str, period: str) -> str:
+        return f"{self.prefix}:{{k:{key_id}}}:spend:{period}"
+
+    def team_spend(self, team_id: str, period: str) -> str:
+        return f"{self.prefix}:{{t:{team_id}}}:spend:{period}"
 
     def team_record(self, team_id: str) -> str:
         return f"{self.prefix}:{{t:{team_id}}}:team"
@@ -859,6 +935,86 @@ class KeyStore:
                 self._sweeper = asyncio.create_task(self._sweep(), name="rate-spares")
         return bool(ok)
 
+    async def judge_spend(
+        self,
+        key_id: str,
+        team_id: str,
+        *,
+        responses: int,
+        tokens: int,
+        key_day_cap: int,
+        day: str,
+        month: str,
+        team: bool,
+    ) -> Judged:
+        """Check 8 with token or spend limits: the key's script and (`team`) a read of the team's
+        spend, sent together (one round trip; on a Cluster each to its slot's node, in
+        parallel). Raises `GatewayError(service_unavailable)` when Redis does not answer within
+        RATE_LIMIT_DEADLINE_SECONDS: the caller fails open."""
+        member = ids.hex_token(8)
+        now_ms = int(time.time() * 1000)
+        key_call = self._batch.call(
+            self._judge_key,
+            [self.rate_window(key_id), self.token_window(key_id), self.key_spend(key_id, day)],
+            [now_ms, responses, member, tokens, key_day_cap],
+        )
+        calls: list[asyncio.Future[Any]] = [key_call]
+        if team:
+            calls.append(
+                self._batch.command(
+                    "MGET", self.team_spend(team_id, day), self.team_spend(team_id, month)
+                )
+            )
+        results = await self._call(asyncio.gather(*calls), RATE_LIMIT_DEADLINE_SECONDS)
+        code, figure = (int(v) for v in results[0])
+        team_day = team_month = None
+        if team:
+            team_day, team_month = (None if v is None else int(v) for v in results[1])
+        return Judged(code, figure, team_day, team_month, member if responses else None)
+
+    def unjudge(self, key_id: str, member: str) -> None:
+        """Take back a turn counted in the key's window that the team's spend then refused."""
+        future = self._batch.command("ZREM", self.rate_window(key_id), member)
+        future.add_done_callback(_ignore)
+
+    async def add_spend(
+        self,
+        keys: list[tuple[str, str, int, int]],
+        teams: list[tuple[str, str, str, int]],
+    ) -> None:
+        """Finished responses' costs and tokens, summed per key (key id, day, nano-USD, tokens)
+        and per team (team id, day, month, nano-USD), into the counters that exist; one batch."""
+        second = int(time.time())
+        calls = [
+            self._batch.call(
+                self._add_key,
+                [self.key_spend(key_id, day), self.token_window(key_id)],
+                [nano, tokens, second],
+            )
+            for key_id, day, nano, tokens in keys
+        ]
+        calls += [
+            self._batch.call(
+                self._add_team,
+                [self.team_spend(team_id, day), self.team_spend(team_id, month)],
+                [nano],
+            )
+            for team_id, day, month, nano in teams
+        ]
+        await self._call(asyncio.gather(*calls))
+
+    async def read_counters(self, names: list[str]) -> list[int | None]:
+        raws = await self._call(self._mget(names))
+        return [None if raw is None else int(raw) for raw in raws]
+
+    async def seed_counters(self, seeds: list[tuple[str, int, int]]) -> None:
+        """Counters rebuilt from the ledger: (name, value, expiry in epoch ms), each set only if
+        it is still missing (another node's rebuild, or an increment, may have come first)."""
+        async with self._pipeline(transaction=False) as pipe:
+            for name, value, expire_at_ms in seeds:
+                pipe.set(name, value, nx=True, pxat=expire_at_ms)
+            await self._call(pipe.execute())
+
     async def _sweep(self) -> None:
         """Give back spares unused for RATE_SPARE_SECONDS (they would count against their key
         for a minute), while any are held."""
@@ -973,6 +1129,25 @@ class KeyStore:
         names = [self.session_record(_s(i)) for i in ids if isinstance(i, bytes | str)]
         raws = await self._call(self._mget(names))
         return [orjson.loads(r) for r in raws if r]
+
+
+class Judged(NamedTuple):
+    """What `judge_spend` read. `code`: 0 accepted, 1 responses per minute, 2 tokens per minute,
+    3 key's spend today, 4 key's spend counter missing; `figure`: tokens of the last minute
+    (2) or the key's spend today in nano-USD (0, 3); the team's spend (nano-USD) today and this
+    month, None when the counter is missing (or not asked for); the member the turn took in the
+    response window (to give back if the team refuses it)."""
+
+    code: int
+    figure: int
+    team_day: int | None
+    team_month: int | None
+    member: str | None
+
+
+def _ignore(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # read, so a failed fire-and-forget call logs nothing
 
 
 def _s(value: bytes | str) -> str:

@@ -158,6 +158,23 @@ LEASE_RENEWAL_FAILURES_TOTAL = Counter(
     "Failed renewals of this node's socket slot leases and session records (per call).",
     registry=REGISTRY,
 )
+# Not in CONTRACT.md §6: teams near their spend limits (labels: the team, and the limit's name,
+# `usd_per_day_per_team` or `usd_per_month_per_team`), set each time a node judges one of the
+# team's turns; `gateway_spend_rebuilds_total{outcome}` (`rebuilt`, `failed`): counters rebuilt
+# from the ledger, after Redis lost them or at a period's start.
+BUDGET_USED_RATIO = Gauge(
+    "gateway_budget_used_ratio",
+    "A team's spend in the current UTC day or month over its limit, as this node last read it.",
+    ["team", "limit"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+SPEND_REBUILDS_TOTAL = Counter(
+    "gateway_spend_rebuilds_total",
+    "Spend counters rebuilt from the ledger (outcome: rebuilt, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 UPSTREAM_POOL_READY = Gauge(
     "gateway_upstream_pool_ready",
     "Warm upstream sockets waiting in the pool (GATEWAY_UPSTREAM_POOL_SIZE per credential).",
@@ -254,6 +271,11 @@ def tokens(model: str, kind: str) -> Counter:
 @lru_cache(maxsize=4096)
 def cost(team: str) -> Counter:
     return COST_USD_TOTAL.labels(team=team)
+
+
+@lru_cache(maxsize=4096)
+def budget_used(team: str, limit: str) -> Gauge:
+    return BUDGET_USED_RATIO.labels(team=team, limit=limit)
 
 
 @lru_cache(maxsize=1024)

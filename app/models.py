@@ -16,11 +16,38 @@ def utcnow() -> datetime:
 
 
 class Limits(BaseModel):
+    """CONTRACT.md §4; 0 is unlimited. USD amounts are kept to the micro-dollar."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sockets_per_key: int = Field(default=0, ge=0)
     sockets_per_team: int = Field(default=0, ge=0)
     responses_per_minute_per_key: int = Field(default=0, ge=0)
+    tokens_per_minute_per_key: int = Field(default=0, ge=0)
+    usd_per_day_per_key: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    usd_per_day_per_team: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    usd_per_month_per_team: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+    @field_validator(
+        "usd_per_day_per_key", "usd_per_day_per_team", "usd_per_month_per_team", mode="before"
+    )
+    @classmethod
+    def _usd(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        if isinstance(value, int | float) and value >= 0:
+            return round(float(value), 6)
+        return value
+
+    @property
+    def spend_limited(self) -> bool:
+        """Whether a turn's judgement needs the spend or token counters (not only the window)."""
+        return bool(
+            self.tokens_per_minute_per_key
+            or self.usd_per_day_per_key
+            or self.usd_per_day_per_team
+            or self.usd_per_month_per_team
+        )
 
 
 class Team(BaseModel):

@@ -17,10 +17,12 @@ from app import metrics
 from app.auth.authenticator import Authenticator
 from app.config import Settings
 from app.keystore import KeyStore
+from app.ledger.sums import SpendSums
 from app.live import LiveSocket
 from app.memory import MemoryBudget
 from app.models import DEFAULT_CREDENTIAL
 from app.pool import UpstreamPool
+from app.spend import SpendBook
 from app.view import NodeView
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class Node:
         self.http: aiohttp.ClientSession | None = None
         # Built here so it is never None for a session; it opens nothing until `start`.
         self.pool = UpstreamPool(settings, self.credential)
+        self.spend = SpendBook(store, SpendSums(settings.database_url), ledger)
         self._lease_task: asyncio.Task[None] | None = None
         self._renewals = _RenewalStreak()
 
@@ -134,6 +137,7 @@ class Node:
         if self._lease_task:
             self._lease_task.cancel()
         await self.pool.close()
+        await self.spend.close()
         if self.http:
             await self.http.close()
 

@@ -60,26 +60,27 @@ class HttpTurn:
             metrics.responses(self.model, status).inc()
             metrics.RESPONSE_DURATION.observe(duration)
         ttfe = None if self.first_byte is None else self.first_byte - self.started
-        self.node.ledger.record(
-            TurnRecord(
-                socket_id=None,
-                node=self.node.id,
-                key_id=self.principal.key_id,
-                key_prefix=self.principal.key_prefix,
-                team_id=self.principal.team_id,
-                transport=self.transport,
-                model=self.model,
-                received_at=self.received_at,
-                accepted=accepted,
-                error_code=error_code,
-                response_id=_str(response.get("id")) if response else None,
-                status=status,
-                previous_response_id=self.previous_response_id,
-                **usage_fields,
-                ttfe_ms=None if ttfe is None else ttfe * 1000,
-                duration_ms=duration * 1000,
-            )
+        row = TurnRecord(
+            socket_id=None,
+            node=self.node.id,
+            key_id=self.principal.key_id,
+            key_prefix=self.principal.key_prefix,
+            team_id=self.principal.team_id,
+            transport=self.transport,
+            model=self.model,
+            received_at=self.received_at,
+            accepted=accepted,
+            error_code=error_code,
+            response_id=_str(response.get("id")) if response else None,
+            status=status,
+            previous_response_id=self.previous_response_id,
+            **usage_fields,
+            ttfe_ms=None if ttfe is None else ttfe * 1000,
+            duration_ms=duration * 1000,
         )
+        self.node.ledger.record(row)
+        if accepted:
+            self.node.spend.count(row)  # the same cost, into the spend counters
 
 
 def _str(value: object) -> str | None:
@@ -115,9 +116,7 @@ async def _checked(
         turn.model = check_model(fields.get("model"))
         check_fields(fields)
         check_route(node, team, turn.model)
-        limit = team.limits.responses_per_minute_per_key
-        if not await node.store.allow_response(principal.key_id, limit):
-            raise GatewayError(Code.RATE_LIMIT_EXCEEDED)
+        await node.spend.check(principal, team)
     except GatewayError as err:
         metrics.count_error(err.code)
         turn.record(error_code=str(err.code))

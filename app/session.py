@@ -214,9 +214,7 @@ class Session:
                     f"This socket is locked to {self.model}; got {frame.model}.",
                     param="model",
                 )
-            limit = team.limits.responses_per_minute_per_key if team else 0
-            if not await self.node.store.allow_response(self.principal.key_id, limit):  # 8
-                raise GatewayError(Code.RATE_LIMIT_EXCEEDED)
+            await self.node.spend.check(self.principal, team)  # 8
         except Ignored:
             return
         except GatewayError as err:
@@ -236,17 +234,18 @@ class Session:
 
     def _record(self, **fields: Any) -> None:
         """One ledger row for a `response.create` received on this socket."""
-        self.node.ledger.record(
-            TurnRecord(
-                socket_id=self.id,
-                node=self.node.id,
-                key_id=self.principal.key_id,
-                key_prefix=self.principal.key_prefix,
-                team_id=self.principal.team_id,
-                transport="ws",
-                **fields,
-            )
+        row = TurnRecord(
+            socket_id=self.id,
+            node=self.node.id,
+            key_id=self.principal.key_id,
+            key_prefix=self.principal.key_prefix,
+            team_id=self.principal.team_id,
+            transport="ws",
+            **fields,
         )
+        self.node.ledger.record(row)
+        if row.accepted:
+            self.node.spend.count(row)  # the same cost, into the spend counters
 
     async def _send_error(self, err: GatewayError, stream_id: Any = None) -> None:
         await self.client.send(err.ws_frame(stream_id))

@@ -165,7 +165,15 @@ async def test_teams_create_replace_read_disable_enable(admin: Admin) -> None:
         "active": True,
         "allowed_models": ["openai/gpt-*"],
         "upstream_credential": "OPENAI_API_KEY",
-        "limits": {"sockets_per_key": 0, "sockets_per_team": 0, "responses_per_minute_per_key": 0},
+        "limits": {
+            "sockets_per_key": 0,
+            "sockets_per_team": 0,
+            "responses_per_minute_per_key": 0,
+            "tokens_per_minute_per_key": 0,
+            "usd_per_day_per_key": 0.0,
+            "usd_per_day_per_team": 0.0,
+            "usd_per_month_per_team": 0.0,
+        },
     }
     assert await admin.ok("GET", "/teams/blue") == created
     disabled = await admin.ok("POST", "/teams/blue/disable")
@@ -449,6 +457,10 @@ async def test_openapi_document_covers_every_route(admin: Admin) -> None:
         "sockets_per_key",
         "sockets_per_team",
         "responses_per_minute_per_key",
+        "tokens_per_minute_per_key",
+        "usd_per_day_per_key",
+        "usd_per_day_per_team",
+        "usd_per_month_per_team",
     }
     assert schemas["Limits"]["additionalProperties"] is False
     assert "key" in schemas["KeyCreated"]["properties"]

@@ -97,6 +97,10 @@ def test_first_team_key_price_and_rotation(gw: Run) -> None:
         "sockets_per_key": 2,
         "sockets_per_team": 0,
         "responses_per_minute_per_key": 60,
+        "tokens_per_minute_per_key": 0,
+        "usd_per_day_per_key": 0.0,
+        "usd_per_day_per_team": 0.0,
+        "usd_per_month_per_team": 0.0,
     }
     assert "team acme replaced" in ok(gw, "teams", "create", "acme", "--models", "openai/*")
 

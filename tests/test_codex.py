@@ -52,8 +52,10 @@ def codex() -> Path:
     return BINARY
 
 
-def write_config(home: Path, base_url: str, websockets: bool) -> None:
+def write_config(home: Path, base_url: str, websockets: bool, retries: bool = False) -> None:
+    """`retries`: Codex's own retry settings (its defaults) instead of none."""
     home.mkdir(parents=True, exist_ok=True)
+    no_retries = "" if retries else "request_max_retries = 0\nstream_max_retries = 0\n"
     (home / "config.toml").write_text(
         f"""model = "openai/gpt-test"
 model_provider = "gateway"
@@ -64,13 +66,19 @@ base_url = "{base_url}"
 wire_api = "responses"
 env_key = "GATEWAY_TEST_KEY"
 supports_websockets = {str(websockets).lower()}
-request_max_retries = 0
-stream_max_retries = 0
-"""
+{no_retries}"""
     )
 
 
 async def run_codex(codex: Path, home: Path, key: str, workdir: Path, prompt: str) -> str:
+    code, out, err = await codex_exec(codex, home, key, workdir, prompt)
+    assert code == 0, err[-2000:]
+    return out
+
+
+async def codex_exec(
+    codex: Path, home: Path, key: str, workdir: Path, prompt: str
+) -> tuple[int | None, str, str]:
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(home),
@@ -96,8 +104,7 @@ async def run_codex(codex: Path, home: Path, key: str, workdir: Path, prompt: st
     except TimeoutError:
         proc.kill()
         raise
-    assert proc.returncode == 0, err.decode()[-2000:]
-    return out.decode()
+    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "http-sse"])
@@ -158,3 +165,29 @@ async def test_codex_falls_back_to_http_when_websockets_are_refused(
     assert upgrades >= 1
     requests = await sim.requests()
     assert requests and all(r["conn"] is None for r in requests)  # all served over HTTP
+
+
+@pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "http-sse"])
+async def test_codex_stops_on_an_exhausted_budget(
+    codex: Path, gateway: Gateway, tenant: Tenant, sim: Sim, tmp_path: Path, websockets: bool
+) -> None:
+    """A team over its day budget: Codex, with its default retry settings, shows the quota error
+    and exits instead of retrying in a loop."""
+    from test_spend import exhausted, refusals
+
+    await exhausted(gateway, tenant)
+    home = tmp_path / "codex-home"
+    write_config(home, gateway.url("/v1"), websockets, retries=True)
+    before = refusals()
+    started = asyncio.get_running_loop().time()
+    code, out, err = await codex_exec(codex, home, tenant.key, tmp_path, "spend more")
+    took = asyncio.get_running_loop().time() - started
+    tried = refusals() - before
+    shown = [line for line in (out + err).splitlines() if "quota" in line.lower()]
+    print(
+        f"codex ({'websocket' if websockets else 'http'}): exit {code} after {took:.1f} s, "
+        f"{tried:.0f} refused requests; it showed: {shown[-1:]}"
+    )
+    assert code != 0
+    assert shown, (out + err)[-2000:]
+    assert 1 <= tried <= 2, tried  # one request (and at most its prewarm): no retry loop

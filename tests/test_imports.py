@@ -61,7 +61,7 @@ LAYERS: list[list[str]] = [
         "app.rawpath",
         "app.turn",
     ],
-    ["app.view", "app.auth.digests", "app.auth.authenticator"],
+    ["app.view", "app.auth.digests", "app.auth.authenticator", "app.spend"],
     ["app.node", "app.routing"],
     ["app.upstreamlink", "app.session"],
     ["app.handlers", "app.relay", "app.catalog", "app.admin"],

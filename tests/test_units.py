@@ -52,8 +52,14 @@ def test_every_code_has_a_spec_and_an_http_body(code: Code) -> None:
     body = orjson.loads(err.http_body())
     assert body["error"]["code"] == code.value
     assert body["error"]["param"] == "p"
-    assert body["error"]["type"] == error_type_for(SPECS[code].status)
+    assert body["error"]["type"] == (SPECS[code].type or error_type_for(SPECS[code].status))
     assert "stream_id" not in orjson.loads(err.ws_frame())
+
+
+def test_insufficient_quota_has_openais_own_type() -> None:
+    body = orjson.loads(GatewayError(Code.INSUFFICIENT_QUOTA).http_body())
+    assert (body["error"]["type"], body["error"]["code"]) == ("insufficient_quota",) * 2
+    assert SPECS[Code.INSUFFICIENT_QUOTA].status == 429
 
 
 def test_error_types_follow_status() -> None:

@@ -171,6 +171,11 @@ async def get_team(request: web.Request) -> web.Response:
     return json_response(await ops_for(request).get_team(request.match_info["team_id"]))
 
 
+async def team_spend(request: web.Request) -> web.Response:
+    book = request.app[NODE].spend
+    return json_response(await ops_for(request).team_spend(request.match_info["team_id"], book))
+
+
 async def disable_team(request: web.Request) -> web.Response:
     ops = ops_for(request)
     return json_response(await ops.set_team_active(request.match_info["team_id"], False))
@@ -262,6 +267,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/teams", put_team),
     ("GET", "/teams", list_teams),
     ("GET", "/teams/{team_id}", get_team),
+    ("GET", "/teams/{team_id}/spend", team_spend),
     ("POST", "/teams/{team_id}/disable", disable_team),
     ("POST", "/teams/{team_id}/enable", enable_team),
     ("POST", "/keys", create_key),

@@ -42,7 +42,9 @@ from app.config import DatabaseSettings, RedisSettings, load
 from app.errors import Code, GatewayError
 from app.keystore import KeyStore
 from app.ledger import AdminAction, Ledger, LedgerError
+from app.ledger.sums import SpendSums
 from app.models import ApiKey, Limits, Price, Team
+from app.spend import SpendBook
 
 ADMIN_COMMANDS = frozenset({"teams", "keys", "models", "sessions"})
 # How long a write waits for Postgres before its audit row is left in the spill dir.
@@ -206,15 +208,16 @@ def _split_models(values: Sequence[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def parse_limits(values: Sequence[str]) -> dict[str, int]:
-    limits: dict[str, int] = {}
+def parse_limits(values: Sequence[str]) -> dict[str, int | float]:
+    """`NAME=N` pairs: whole numbers, and USD amounts (`usd_…`) with decimals."""
+    limits: dict[str, int | float] = {}
     for item in values:
         name, sep, number = item.partition("=")
         name = name.strip()
         try:
             if not sep or not name:
                 raise ValueError
-            limits[name] = int(number)
+            limits[name] = float(number) if name.startswith("usd_") else int(number)
         except ValueError:
             raise GatewayError(
                 Code.INVALID_REQUEST,
@@ -257,6 +260,31 @@ async def teams_list(ops: AdminOps, args: argparse.Namespace) -> Output:
 
 async def teams_get(ops: AdminOps, args: argparse.Namespace) -> Output:
     return team_output(await ops.get_team(args.id))
+
+
+SPEND_HEADERS = ("WHO", "PERIOD", "USD", "LIMIT", "ENDS")
+
+
+async def teams_spend(ops: AdminOps, args: argparse.Namespace) -> Output:
+    book = SpendBook(ops.store, SpendSums(args.database_url, timeout=LEDGER_DEADLINE))
+    try:
+        data = await ops.team_spend(args.id, book)
+    finally:
+        await book.close()
+
+    def row(who: str, name: str, period: dict[str, Any]) -> list[str]:
+        limit = period["limit"]
+        return [
+            who,
+            f"{name} from {period['start']}",
+            f"{period['usd']:.6f}",
+            "-" if limit is None else f"{limit:.6f}",
+            period["end"],
+        ]
+
+    rows = [row(f"team {args.id}", "day", data["day"]), row("", "month", data["month"])]
+    rows += [row(f"key {k['prefix']} ({k['id']})", "day", k["day"]) for k in data["keys"]]
+    return Output(data, table(SPEND_HEADERS, rows))
 
 
 async def teams_disable(ops: AdminOps, args: argparse.Namespace) -> Output:
@@ -362,10 +390,11 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         action="append",
         default=[],
         metavar="NAME=N",
-        help="sockets_per_key, sockets_per_team or responses_per_minute_per_key (repeatable)",
+        help="a limit, e.g. sockets_per_key=5 or usd_per_day_per_team=20.5 (repeatable)",
     )
     _leaf(t, "list", "list teams", teams_list)
     _leaf(t, "get", "show a team", teams_get).add_argument("id")
+    _leaf(t, "spend", "a team's spend today and this month (UTC)", teams_spend).add_argument("id")
     p = _leaf(t, "disable", "disable a team (closes its sockets)", teams_disable)
     p.add_argument("id")
     _leaf(t, "enable", "enable a team", teams_enable).add_argument("id")
@@ -440,6 +469,7 @@ async def execute(args: argparse.Namespace, settings: AdminCliSettings) -> Outpu
     store = KeyStore.from_settings(settings, pool_size=2)
     try:
         command: Command = args.admin
+        args.database_url = settings.database_url  # `teams spend` rebuilds from the ledger
         out = await command(AdminOps(store, rows.append, cli_actor()), args)
     finally:
         await store.close()

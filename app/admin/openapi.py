@@ -25,6 +25,7 @@ from app.admin.schemas import (
     PriceRequest,
     SessionInfo,
     TeamRequest,
+    TeamSpend,
 )
 from app.models import Team
 
@@ -39,6 +40,7 @@ _SCHEMA_MODELS: list[type[BaseModel]] = [
     KeyInfo,
     ModelPrice,
     SessionInfo,
+    TeamSpend,
     ErrorBody,
 ]
 _ERRORS = {
@@ -76,6 +78,15 @@ OPS: list[Op] = [
     ),
     Op("GET", "/teams", "List teams", "list:Team"),
     Op("GET", "/teams/{team_id}", "Read a team", "Team", errors=("401", "404", "503")),
+    Op(
+        "GET",
+        "/teams/{team_id}/spend",
+        "Spend so far in the current UTC day and month, the team's and each key's: the figures "
+        "the spend limits are judged on (counters missing from Redis are rebuilt from the "
+        "ledger first)",
+        "TeamSpend",
+        errors=("401", "404", "503"),
+    ),
     Op(
         "POST",
         "/teams/{team_id}/disable",

@@ -25,10 +25,11 @@ from app.admin.schemas import (
     TeamRequest,
     to_price,
 )
-from app.errors import not_found
+from app.errors import Code, GatewayError, not_found
 from app.keystore import KeyStore
 from app.ledger.rows import AdminAction
 from app.models import ApiKey, Price, Team, utcnow
+from app.spend import SpendBook
 
 Record = Callable[[AdminAction], None]
 
@@ -77,6 +78,21 @@ class AdminOps:
         if team is None:
             raise not_found("team", team_id, param)
         return team
+
+    async def team_spend(self, team_id: str, book: SpendBook) -> dict[str, Any]:
+        """Where a team stands (CONTRACT.md §5): the counters check 8 reads."""
+        team = await self.get_team(team_id)
+        keys = await self.store.list_keys(team_id)
+        try:
+            return await book.report(team, keys)
+        except GatewayError:
+            raise
+        except Exception as exc:  # a counter to rebuild, and the ledger does not answer
+            raise GatewayError(
+                Code.SERVICE_UNAVAILABLE,
+                "The team's spend counters are not in Redis and the ledger (Postgres) did not "
+                f"answer to rebuild them ({type(exc).__name__}); retry.",
+            ) from exc
 
     async def list_teams(self) -> list[Team]:
         return await self.store.list_teams()

@@ -304,6 +304,29 @@ class SessionInfo(_Answer):
     turns: int
 
 
+class SpendPeriod(_Answer):
+    start: datetime
+    end: datetime
+    usd: float = Field(description="Spend so far in the period, USD to the micro-dollar.")
+    limit: float | None = Field(description="The limit in USD; null when unlimited.")
+
+
+class KeySpend(_Answer):
+    id: str
+    prefix: str
+    day: SpendPeriod
+
+
+class TeamSpend(_Answer):
+    """`GET /admin/v1/teams/{id}/spend`."""
+
+    object: Literal["team.spend"]
+    team_id: str
+    day: SpendPeriod
+    month: SpendPeriod
+    keys: list[KeySpend]
+
+
 class ErrorObject(_Answer):
     type: str
     code: str

@@ -42,7 +42,7 @@ import orjson
 
 from app.ledger.errors import Fault, LedgerError, backoff_delays, fault_of
 from app.ledger.journal import Journal
-from app.ledger.rows import KIND_OF, Row, encode_line
+from app.ledger.rows import KIND_OF, Row, TurnRecord, encode_line
 from app.ledger.statements import plan
 from app.metrics import LEDGER_PENDING_ROWS, LEDGER_WRITE_FAILURES_TOTAL, POSTGRES_UP
 
@@ -160,6 +160,22 @@ class Ledger:
     def pending_rows(self) -> int:
         """Rows recorded (or found in spill files) and not yet in Postgres."""
         return self._pending
+
+    async def unwritten_turns(self) -> list[TurnRecord]:
+        """The turn rows not yet known to be in Postgres: the batch being written (it may be
+        committed already), the spill files, memory. For a spend counter rebuilt from the
+        ledger (app/spend.py), which excludes these rows' ids from its sum and adds them."""
+        async with self._order:
+            rows: list[Row] = list(self._in_flight)
+            for segment in self._segments:
+                if segment.rows is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        found, _ = await asyncio.to_thread(self._journal.read_segment, segment.path)
+                        rows += found
+                else:
+                    rows += segment.rows[segment.offset :]
+            rows += [row for _, row in self._memory]
+        return [row for row in rows if type(row) is TurnRecord]
 
     @property
     def postgres_up(self) -> bool:
