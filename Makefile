@@ -68,7 +68,7 @@ test: deps venv lint
 # under three Sentinels (tests/services.py); about a minute each, the servers' start included.
 CLUSTER_TESTS = tests/test_ws_handshake.py tests/test_admin_api.py tests/test_admin_live.py \
 	tests/test_admin_races.py tests/test_session_limits.py tests/test_hot_path_parts.py \
-	tests/test_guard.py tests/test_secrets.py tests/test_keystore_layout.py
+	tests/test_guard.py tests/test_secrets.py tests/test_keystore_layout.py tests/test_spend.py
 
 .PHONY: test-cluster
 test-cluster: venv

@@ -23,6 +23,10 @@ the store-wide singletons in `{g}`; what one command touches alone needs none.
   record but may not have finished its follow-ups (`_settle`); any node completes them.
 - `P:{g}:layout`: `2` once the names before hash tags were copied over (`migrate_layout`).
 - `P:{k:<id>}:rl`: sorted set of accepted turns in the last 60 s; expires 61 s after the last.
+- `P:{k:<id>}:tpm`: hash second → tokens of the responses that ended in it, the last 60 s.
+- `P:{k:<id>}:spend:d<YYYYMMDD>`, `P:{t:<id>}:spend:d<YYYYMMDD>`, `P:{t:<id>}:spend:m<YYYYMM>`:
+  spend in nano-USD of the key's day and the team's day and month (UTC), expiring at the
+  period's end; created only from the ledger (`seed_counters`, app/spend.py), then added to.
 - `P:{k:<id>}:slots`, `P:{t:<id>}:slots`, `P:sessions`: sorted sets socket id → lease deadline
   (ms); leases are 45 s, refreshed every 15 s, so a dead node's slots lapse within a minute.
 - `P:session:<socket id>` (JSON): what `GET /admin/v1/sessions` shows; 45 s, refreshed, and
@@ -30,9 +34,10 @@ the store-wide singletons in `{g}`; what one command touches alone needs none.
 
 Races: a socket's key slot and team slot are each checked and taken by a script on its own slot,
 sent together, and a refusal of either gives both back (`acquire_socket`); rate-limit windows
-are one script on the key's slot; admin writes that read a record first run under WATCH and
-MULTI/EXEC on that record's slot, then finish on `{g}` (`_transaction`). Redis errors become
-`GatewayError(service_unavailable)` here.
+are one script on the key's slot (with token or spend limits, `_JUDGE_KEY`, and a read of the
+team's two counters on the team's slot, sent in the same batch); admin writes that read a
+record first run under WATCH and MULTI/EXEC on that record's slot, then finish on `{g}`
+(`_transaction`). Redis errors become `GatewayError(service_unavailable)` here.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ flushed key) are rebuilt from the ledger before the turn is judged: the sum of t
 `cost_usd` in Postgres, plus this node's rows not yet written (memory and spill), each row
 counted once (`SpendSums` excludes their ids). A counter is only created by a rebuild (SET NX),
 never by an increment, so an increment that finds it missing is dropped: its row is in the
-ledger the rebuild reads. What a rebuild cannot see: rows another node holds unwritten at that
-moment (that node's ledger backlog: normally the last second of that team's responses there,
-the whole outage while Postgres is down).
+ledger the rebuild reads. A rebuild first waits REBUILD_SETTLE_SECONDS, so other nodes' rows
+reach Postgres. What it cannot see: rows another node still holds unwritten after that (Postgres
+slow or down: that node's backlog), and responses that end during its query (milliseconds).
 
 Postgres also down when a counter is missing: the turn is served (the limit fails open, as rate
 limits do while Redis is away, CONTRACT.md §4), the counter stays missing, and the next turn
@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -61,6 +61,10 @@ NANO = Decimal(1_000_000_000)
 # Counts that could not be sent (Redis away) wait this long between tries, up to this many.
 UNSENT_RETRY_SECONDS = 1.0
 UNSENT_MAX = 100_000
+# A rebuild waits this long before it reads the ledger: every node's writer flushes its rows
+# every 0.1 s, so rows other nodes still held when the counter went missing reach Postgres
+# first (while Postgres keeps up).
+REBUILD_SETTLE_SECONDS = 0.3
 DAY_LIMIT = "usd_per_day_per_team"
 MONTH_LIMIT = "usd_per_month_per_team"
 KEY_DAY_LIMIT = "usd_per_day_per_key"
@@ -138,6 +142,8 @@ class SpendBook:
         self._sender: asyncio.Task[None] | None = None
         self._rebuilds: dict[tuple[str, ...], asyncio.Task[bool]] = {}
         self._warned: set[tuple[str, str]] = set()
+        # gateway_budget_used_ratio children set here, with the end of the period they show.
+        self._gauges: dict[tuple[str, str], datetime] = {}
 
     # -- check 8 ----------------------------------------------------------------------------------
 
@@ -228,9 +234,23 @@ class SpendBook:
                 continue
             cap_nano = nano_usd(cap)
             metrics.budget_used(team.id, name).set(spent / cap_nano)
+            self._gauges[(team.id, name)] = ends
             if spent >= cap_nano and refusal is None:
                 refusal = quota_error(f"Team {team.id!r}", name, spent, cap, period, ends)
         return refusal
+
+    def retire_gauges(self, teams: Mapping[str, Team]) -> None:
+        """Zero the gauges of periods that have ended and drop those of limits that are gone
+        (the node's view ticks call it), so an alert does not fire on yesterday's spend."""
+        now = datetime.now(UTC)
+        for (team_id, name), ends in list(self._gauges.items()):
+            team = teams.get(team_id)
+            if team is None or not getattr(team.limits, name):
+                metrics.BUDGET_USED_RATIO.remove(team_id, name)
+                del self._gauges[(team_id, name)]
+            elif now >= ends:
+                metrics.budget_used(team_id, name).set(0)
+                del self._gauges[(team_id, name)]
 
     # -- rebuilds ---------------------------------------------------------------------------------
 
@@ -252,6 +272,7 @@ class SpendBook:
     ) -> bool:
         keys = [key_id] if key_id and self.store.key_spend(key_id, periods.day) in names else []
         try:
+            await asyncio.sleep(REBUILD_SETTLE_SECONDS)
             seeds = await self._ledger_figures(team_id, keys, periods)
             wanted = [s for s in seeds if s[0] in names]
             await self.store.seed_counters(wanted)

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from services import run_blocking
 
 from app.admin.cli import cli_actor
 from app.auth.principal import hash_secret
@@ -239,3 +240,55 @@ def test_cli_write_with_postgres_away_is_recorded_later(
         return [r["action"] for r in rows]
 
     assert asyncio.run(actions()) == ["team.create", "team.disable"]
+
+
+def test_teams_spend_rebuilds_from_the_ledger_and_prints_it(gw: Run, database_url: str) -> None:
+    """`gateway teams spend`: no counter in Redis yet, so the figures come from the ledger (two
+    turns today, one earlier this month unless today is the 1st, one of another team)."""
+    import secrets
+    from datetime import UTC, datetime, timedelta
+
+    import asyncpg
+
+    team = f"spend-{secrets.token_hex(3)}"
+    ok(gw, "teams", "create", team, "--models", "openai/*", "--limit", "usd_per_day_per_team=2.5")
+    key = js(gw, "keys", "create", "--team", team)
+    now = datetime.now(UTC)
+    earlier = now.replace(day=1, hour=0, minute=0, second=1) if now.day > 1 else now
+    rows = [
+        (key["id"], team, now - timedelta(seconds=5), "0.0012345"),
+        (key["id"], team, now - timedelta(seconds=3), "1.0000004"),
+        (key["id"], team, earlier, "0.25"),
+        ("key_other", "someone-else", now, "9"),
+    ]
+
+    async def insert() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.executemany(
+                "INSERT INTO turns (row_id, node, key_id, key_prefix, team_id, transport, model,"
+                " received_at, accepted, status, cost_usd)"
+                " VALUES (gen_random_uuid(), 'cli-test', $1, 'sk-gw-x', $2, 'ws',"
+                " 'openai/gpt-5', $3, true, 'completed', $4::numeric)",
+                rows,
+            )
+        finally:
+            await conn.close()
+
+    run_blocking(insert())
+    today = 0.0012345 + 1.0000004 + (0.25 if now.day == 1 else 0)
+    month = 0.0012345 + 1.0000004 + 0.25
+    data = js(gw, "teams", "spend", team)
+    assert data["object"] == "team.spend" and data["team_id"] == team
+    assert data["day"]["usd"] == round(today, 6)
+    assert data["month"]["usd"] == round(month, 6)
+    assert (data["day"]["limit"], data["month"]["limit"]) == (2.5, None)
+    assert [(k["id"], k["day"]["usd"]) for k in data["keys"]] == [(key["id"], round(today, 6))]
+    table = lines(ok(gw, "teams", "spend", team))
+    assert table[0] == ["WHO", "PERIOD", "USD", "LIMIT", "ENDS"]
+    assert table[1][:2] == ["team", team] and table[1][-3:-1] == [
+        f"{round(today, 6):.6f}",
+        "2.500000",
+    ]
+    assert table[2][-3:-1] == [f"{round(month, 6):.6f}", "-"]
+    assert "not_found" in fail(gw, "teams", "spend", "nobody")

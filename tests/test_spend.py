@@ -323,8 +323,14 @@ async def test_a_redis_restart_does_not_reset_spend(
     the rebuild finds them in this node's memory or spill files, not in Postgres."""
 
     async def run(restart: bool) -> tuple[int, int]:
-        settings = gateway_settings(
-            own_redis.url, fresh_redis_prefix(), database_url, sim.base_url, tmp_path / "s"
+        settings = gateway_settings(  # one server of its own, whatever the suite's topology
+            own_redis.url,
+            fresh_redis_prefix(),
+            database_url,
+            sim.base_url,
+            tmp_path / "s",
+            GATEWAY_REDIS_CLUSTER=False,
+            GATEWAY_REDIS_SENTINELS="",
         )
         app = create_app(settings)
         node = Gateway(await aiohttp_server(app), app)
@@ -379,14 +385,18 @@ async def test_spend_matches_the_ledger_to_the_micro_dollar(
     await wait_for_limits(
         gateway, tenant.team.id, usd_per_day_per_team=1000.0, usd_per_month_per_team=5000.0
     )
+    # Four sockets on each node at once, three turns each, of different sizes: the counters
+    # take concurrent increments from both nodes (a read-then-write would lose some).
     async with aiohttp.ClientSession() as http:
-        for i, node in enumerate((gateway, node_b, gateway)):
+
+        async def socket(node: Gateway, i: int) -> None:
             ws = await ws_of(http, node, tenant.key)
             for j in range(3):
-                assert (await one_turn(ws, "word " * (i * 7 + j * 13 + 1)))["type"] == (
-                    "response.completed"
-                )
+                event = await one_turn(ws, "word " * (i * 7 + j * 13 + 1))
+                assert event["type"] == "response.completed", event
             await ws.close()
+
+        await asyncio.gather(*(socket(n, i) for i, n in enumerate([gateway, node_b] * 4)))
     for node in (gateway, node_b):
         await node.node.spend.flush()
         await node.node.ledger.flushed()

@@ -251,6 +251,10 @@ async def _tenant(backing: Backing, model: str, limits: bool) -> str:
                 sockets_per_key=1_000_000,
                 sockets_per_team=1_000_000,
                 responses_per_minute_per_key=100_000_000,
+                tokens_per_minute_per_key=1_000_000_000_000,
+                usd_per_day_per_key=1_000_000.0,
+                usd_per_day_per_team=1_000_000.0,
+                usd_per_month_per_team=10_000_000.0,
             )
         team = Team(id=BENCH_TEAM, name="gateway bench", allowed_models=["openai/*"], limits=caps)
         await store.put_team(team)
