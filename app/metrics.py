@@ -188,6 +188,8 @@ for _reason in ("previous_response_not_found", "http_fallback"):
     UPSTREAM_RETRIES_TOTAL.labels(reason=_reason)
 for _code in Code:
     ERRORS_TOTAL.labels(code=_code.value)
+for _outcome in ("rebuilt", "failed"):
+    SPEND_REBUILDS_TOTAL.labels(outcome=_outcome)
 
 _Mode = Literal["livesum", "livemin"]
 _ERROR_CODE = re.compile(r"^[a-z0-9_.]{1,64}$")

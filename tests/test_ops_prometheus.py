@@ -17,8 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import Connect, Gateway, Tenant, recv, send, turn
+from conftest import Connect, Gateway, Tenant, eventually, recv, send, turn
 from test_ops_files import OPS, alert_rules, concrete, dashboard_queries
+
+from app.models import Limits
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,
@@ -129,7 +131,16 @@ async def until(predicate: Any, timeout: float, what: str) -> Any:
 
 
 async def traffic(gateway: Gateway, tenant: Tenant, connect: Connect) -> None:
-    """Turns of every kind the dashboard shows: completed, refused, an upstream close, HTTP."""
+    """Turns of every kind the dashboard shows: completed, refused, an upstream close, HTTP; on
+    a team with a day budget (the spend panels)."""
+    budget = Limits(usd_per_day_per_team=100.0)
+    await tenant.store.put_team(tenant.team.model_copy(update={"limits": budget}))
+
+    def budget_seen() -> bool:
+        team = gateway.node.view.view.teams.get(tenant.team.id)
+        return team is not None and team.limits == budget
+
+    await eventually(budget_seen)
     async with connect() as ws:
         for _ in range(3):
             assert (await turn(ws))[-1]["type"] == "response.completed"

@@ -385,18 +385,19 @@ async def test_spend_matches_the_ledger_to_the_micro_dollar(
     await wait_for_limits(
         gateway, tenant.team.id, usd_per_day_per_team=1000.0, usd_per_month_per_team=5000.0
     )
-    # Four sockets on each node at once, three turns each, of different sizes: the counters
-    # take concurrent increments from both nodes (a read-then-write would lose some).
+    # Sixteen sockets on each node at once, five turns each, of different sizes, each turn
+    # started together: the counters take concurrent increments from both nodes (a
+    # read-then-write would lose some).
+    sockets = [gateway, node_b] * 16
     async with aiohttp.ClientSession() as http:
-
-        async def socket(node: Gateway, i: int) -> None:
-            ws = await ws_of(http, node, tenant.key)
-            for j in range(3):
-                event = await one_turn(ws, "word " * (i * 7 + j * 13 + 1))
-                assert event["type"] == "response.completed", event
+        conns = [await ws_of(http, node, tenant.key) for node in sockets]
+        for j in range(5):
+            events = await asyncio.gather(
+                *(one_turn(ws, "word " * (i * 7 + j * 13 + 1)) for i, ws in enumerate(conns))
+            )
+            assert all(e["type"] == "response.completed" for e in events), events
+        for ws in conns:
             await ws.close()
-
-        await asyncio.gather(*(socket(n, i) for i, n in enumerate([gateway, node_b] * 4)))
     for node in (gateway, node_b):
         await node.node.spend.flush()
         await node.node.ledger.flushed()
