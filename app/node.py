@@ -22,7 +22,7 @@ from app.live import LiveSocket
 from app.memory import MemoryBudget
 from app.models import DEFAULT_CREDENTIAL
 from app.pool import UpstreamPool
-from app.spend import SpendBook
+from app.spend import REBUILD_TIMEOUT_SECONDS, SpendBook
 from app.view import NodeView
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class Node:
         self.http: aiohttp.ClientSession | None = None
         # Built here so it is never None for a session; it opens nothing until `start`.
         self.pool = UpstreamPool(settings, self.credential)
-        self.spend = SpendBook(store, SpendSums(settings.database_url), ledger)
+        sums = SpendSums(settings.database_url, timeout=REBUILD_TIMEOUT_SECONDS)
+        self.spend = SpendBook(store, sums, ledger)
         self._lease_task: asyncio.Task[None] | None = None
         self._renewals = _RenewalStreak()
 

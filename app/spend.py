@@ -28,11 +28,12 @@ reach Postgres. What it cannot see: rows another node still holds unwritten afte
 slow or down: that node's backlog), and responses that end during its query (milliseconds).
 
 Postgres also down when a counter is missing: the turn is served (the limit fails open, as rate
-limits do while Redis is away, CONTRACT.md §4), the counter stays missing, and the next turn
-tries the rebuild again; `gateway_spend_rebuilds_total{outcome="failed"}` counts the attempts and
-a warning is logged once per team and period. A budget protects money, but a double outage of
-the two stores should not stop every budgeted team's agents; the spend made meanwhile is in the
-ledger and counted by the first rebuild after Postgres is back.
+limits do while Redis is away, CONTRACT.md §4), the counter stays missing, and a turn
+REBUILD_RETRY_SECONDS later tries the rebuild again (the turns between fail open at once);
+`gateway_spend_rebuilds_total{outcome="failed"}` counts the attempts and a warning is logged
+once per team and day. A budget protects money, but a double outage of the two stores should
+not stop every budgeted team's agents; the spend made meanwhile is in the ledger and counted by
+the first rebuild after Postgres is back.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -65,6 +67,11 @@ UNSENT_MAX = 100_000
 # every 0.1 s, so rows other nodes still held when the counter went missing reach Postgres
 # first (while Postgres keeps up).
 REBUILD_SETTLE_SECONDS = 0.3
+# A rebuild whose ledger query failed is not tried again for this long (the turns meanwhile fail
+# open at once instead of each waiting on a Postgres that does not answer); the query itself
+# gives up after REBUILD_TIMEOUT_SECONDS.
+REBUILD_RETRY_SECONDS = 5.0
+REBUILD_TIMEOUT_SECONDS = 2.0
 DAY_LIMIT = "usd_per_day_per_team"
 MONTH_LIMIT = "usd_per_month_per_team"
 KEY_DAY_LIMIT = "usd_per_day_per_key"
@@ -141,6 +148,7 @@ class SpendBook:
         self._unsent = 0
         self._sender: asyncio.Task[None] | None = None
         self._rebuilds: dict[tuple[str, ...], asyncio.Task[bool]] = {}
+        self._failed_until: dict[tuple[str, ...], float] = {}  # job -> time.monotonic()
         self._warned: set[tuple[str, str]] = set()
         # gateway_budget_used_ratio children set here, with the end of the period they show.
         self._gauges: dict[tuple[str, str], datetime] = {}
@@ -260,12 +268,19 @@ class SpendBook:
         """Rebuild the missing counters `names`; one rebuild at a time per set of counters on
         this node, shared by the turns that find them missing together."""
         job = tuple(sorted(names))
+        if time.monotonic() < self._failed_until.get(job, 0.0):
+            return False
         task = self._rebuilds.get(job)
         if task is None:
             task = asyncio.create_task(self._rebuild_now(principal.key_id, team.id, periods, names))
             self._rebuilds[job] = task
             task.add_done_callback(lambda _: self._rebuilds.pop(job, None))
-        return await asyncio.shield(task)
+        done = await asyncio.shield(task)
+        if done:
+            self._failed_until.pop(job, None)
+        else:
+            self._failed_until[job] = time.monotonic() + REBUILD_RETRY_SECONDS
+        return done
 
     async def _rebuild_now(
         self, key_id: str | None, team_id: str, periods: Periods, names: list[str]
