@@ -76,7 +76,8 @@ RATE_LIMIT_DEADLINE_SECONDS = 0.25
 # it a hung Redis held them for the pool's timeouts and retries (about 6 s).
 HANDSHAKE_DEADLINE_SECONDS = 1.0
 # Spares: a turn that asks Redis also takes up to RATE_SPARES slots of its key's window (a 20th
-# of the limit at most, and only while the window stays under RATE_SPARE_FILL of the limit);
+# of the limit at most, only while the window stays under RATE_SPARE_FILL of the limit, and
+# only when this node asked for the same key within RATE_SPARE_SECONDS);
 # the node's next turns of that key use them without a round trip. Unused after
 # RATE_SPARE_SECONDS they are given back. Spares are counted in Redis when taken, so every
 # node together never accepts more than the limit.
@@ -91,6 +92,7 @@ SESSION_INFO_BATCH_SECONDS = 0.25
 SESSION_INFO_CHUNK = 256
 RATE_SPARE_FILL = 0.5
 RATE_SPARE_SECONDS = 0.5
+ASKED_MAX = 50_000  # keys remembered for the spares' test before the old ones are dropped
 # An admin write whose records another write changed between its read and its commit reads and
 # decides again, this many times at most (two writers settle in two tries).
 ADMIN_WRITE_TRIES = 50
@@ -187,6 +189,66 @@ if rpm > 0 then
 end
 return {0, spent}
 """
+# The same check, and the team's spend, in one script where every key is on one server (not a
+# Cluster, whose hash slots keep a key's and a team's names apart): one command a turn instead
+# of two, and no turn to take back when the team's spend refuses it. KEYS: response window,
+# token window, key-day, team-day, team-month spend. ARGV: as _JUDGE_KEY, then the team's day
+# and month caps (0 = none). Returns {code, figure, team day, team month}: codes as _JUDGE_KEY,
+# and 5 (a team counter missing) and 6 (the team's spend at or over a cap); a team figure is -1
+# when not asked for, -2 when its counter is missing.
+_JUDGE_ALL = """
+local now = tonumber(ARGV[1])
+local rpm = tonumber(ARGV[2])
+local tpm = tonumber(ARGV[4])
+local cap = tonumber(ARGV[5])
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+  if redis.call('ZCARD', KEYS[1]) >= rpm then return {1, 0, -1, -1} end
+end
+if tpm > 0 then
+  local used = 0
+  local oldest = math.floor(now / 1000) - 59
+  local fields = redis.call('HGETALL', KEYS[2])
+  for i = 1, #fields, 2 do
+    if tonumber(fields[i]) < oldest then
+      redis.call('HDEL', KEYS[2], fields[i])
+    else
+      used = used + tonumber(fields[i + 1])
+    end
+  end
+  if used >= tpm then return {2, used, -1, -1} end
+end
+local team = {-1, -1}
+local over = false
+local missing = false
+for i = 1, 2 do
+  local limit = tonumber(ARGV[5 + i])
+  if limit > 0 then
+    local value = redis.call('GET', KEYS[3 + i])
+    if value then
+      team[i] = tonumber(value)
+      if team[i] >= limit then over = true end
+    else
+      team[i] = -2
+      missing = true
+    end
+  end
+end
+local spent = 0
+if cap > 0 then
+  local value = redis.call('GET', KEYS[3])
+  if not value then return {4, 0, team[1], team[2]} end
+  spent = tonumber(value)
+  if spent >= cap then return {3, spent, team[1], team[2]} end
+end
+if missing then return {5, spent, team[1], team[2]} end
+if over then return {6, spent, team[1], team[2]} end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], 61000)
+end
+return {0, spent, team[1], team[2]}
+"""
 # A finished response's cost and tokens on the key's slot. KEYS: key-day spend, token window.
 # ARGV: nano-USD, tokens, second. A spend counter is only added to, never created: one that is
 # missing (a new day, a Redis that lost it) is rebuilt from the ledger, which has this
@@ -194,6 +256,21 @@ return {0, spent}
 _ADD_KEY = """
 if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], 61000)
+end
+return 1
+"""
+# _ADD_KEY and _ADD_TEAM in one script, where every key is on one server. KEYS: key-day, token
+# window, team-day, team-month. ARGV: nano-USD, tokens, second.
+_ADD_ALL = """
+local nano = tonumber(ARGV[1])
+if nano > 0 then
+  for _, i in ipairs({1, 3, 4}) do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], nano) end
+  end
 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[2])
@@ -386,6 +463,8 @@ class KeyStore:
         self._judge_key = self.redis.register_script(_JUDGE_KEY)
         self._add_key = self.redis.register_script(_ADD_KEY)
         self._add_team = self.redis.register_script(_ADD_TEAM)
+        self._judge_all = self.redis.register_script(_JUDGE_ALL)
+        self._add_all = self.redis.register_script(_ADD_ALL)
         self._batch = _Batcher(self.redis)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
@@ -395,6 +474,7 @@ class KeyStore:
         self.writes = 0
         self.lookups = 0  # secrets looked up (lookup_digest), for the guard's measurements
         self._spares: dict[str, _Spares] = {}
+        self._asked: dict[str, float] = {}  # key id -> when this node last asked its window
         self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -917,11 +997,18 @@ class KeyStore:
                 return True
             del self._spares[key_id]
         member = ids.hex_token(8)
+        # Spares only for a key that asked within RATE_SPARE_SECONDS: a key with fewer turns than
+        # that on this node would give every spare back unused (32 ZADDs and a ZREM a turn).
+        asked = self._asked.get(key_id)
+        self._asked[key_id] = now
+        if len(self._asked) > ASKED_MAX:
+            self._asked = {k: t for k, t in self._asked.items() if now - t < RATE_SPARE_SECONDS}
+        busy = asked is not None and now - asked < RATE_SPARE_SECONDS
         args: list[str | int] = [
             int(time.time() * 1000),
             limit,
             member,
-            min(limit // 20, RATE_SPARES),
+            min(limit // 20, RATE_SPARES) if busy else 0,
             int(limit * RATE_SPARE_FILL),
             *(spares.members if spares is not None else ()),
         ]
@@ -948,28 +1035,39 @@ class KeyStore:
         responses: int,
         tokens: int,
         key_day_cap: int,
+        team_day_cap: int,
+        team_month_cap: int,
         day: str,
         month: str,
-        team: bool,
     ) -> Judged:
-        """Check 8 with token or spend limits: the key's script and (`team`) a read of the team's
-        spend, sent together (one round trip; on a Cluster each to its slot's node, in
-        parallel). Raises `GatewayError(service_unavailable)` when Redis does not answer within
-        RATE_LIMIT_DEADLINE_SECONDS: the caller fails open."""
+        """Check 8 with token or spend limits, in one round trip: on one server `_JUDGE_ALL`; on a
+        Cluster the key's script and a read of the team's spend, each to its slot's node, in
+        parallel (and the caller takes the turn back out of the window when the team's spend
+        refuses it: `Judged.member`). Raises `GatewayError(service_unavailable)` when Redis does
+        not answer within RATE_LIMIT_DEADLINE_SECONDS: the caller fails open."""
         member = ids.hex_token(8)
         now_ms = int(time.time() * 1000)
-        key_call = self._batch.call(
-            self._judge_key,
-            [self.rate_window(key_id), self.token_window(key_id), self.key_spend(key_id, day)],
-            [now_ms, responses, member, tokens, key_day_cap],
-        )
-        calls: list[asyncio.Future[Any]] = [key_call]
-        if team:
-            calls.append(
-                self._batch.command(
-                    "MGET", self.team_spend(team_id, day), self.team_spend(team_id, month)
-                )
+        team = bool(team_day_cap or team_month_cap)
+        key_names = [self.rate_window(key_id), self.token_window(key_id)]
+        key_names.append(self.key_spend(key_id, day))
+        team_names = [self.team_spend(team_id, day), self.team_spend(team_id, month)]
+        args = [now_ms, responses, member, tokens, key_day_cap]
+        if not self.cluster:
+            result = await self._call(
+                self._batch.call(
+                    self._judge_all,
+                    key_names + team_names,
+                    [*args, team_day_cap, team_month_cap],
+                ),
+                RATE_LIMIT_DEADLINE_SECONDS,
             )
+            code, figure, raw_day, raw_month = (int(v) for v in result)
+            return Judged(
+                code, figure, None if raw_day < 0 else raw_day, None if raw_month < 0 else raw_month
+            )
+        calls: list[asyncio.Future[Any]] = [self._batch.call(self._judge_key, key_names, args)]
+        if team:
+            calls.append(self._batch.command("MGET", *team_names))
         results = await self._call(asyncio.gather(*calls), RATE_LIMIT_DEADLINE_SECONDS)
         code, figure = (int(v) for v in results[0])
         team_day = team_month = None
@@ -982,29 +1080,46 @@ class KeyStore:
         future = self._batch.command("ZREM", self.rate_window(key_id), member)
         future.add_done_callback(_ignore)
 
-    async def add_spend(
-        self,
-        keys: list[tuple[str, str, int, int]],
-        teams: list[tuple[str, str, str, int]],
-    ) -> None:
-        """Finished responses' costs and tokens, summed per key (key id, day, nano-USD, tokens)
-        and per team (team id, day, month, nano-USD), into the counters that exist; one batch."""
+    async def add_spend(self, counts: list[tuple[str, str, str, str, int, int]]) -> None:
+        """Finished responses' costs and tokens (key id, team id, day, month, nano-USD, tokens:
+        one entry per key and period) into the counters that exist, batched: one script an
+        entry on one server; on a Cluster one per key and one per team and period."""
         second = int(time.time())
-        calls = [
-            self._batch.call(
-                self._add_key,
-                [self.key_spend(key_id, day), self.token_window(key_id)],
-                [nano, tokens, second],
+        if not self.cluster:
+            calls = [
+                self._batch.call(
+                    self._add_all,
+                    [
+                        self.key_spend(key_id, day),
+                        self.token_window(key_id),
+                        self.team_spend(team_id, day),
+                        self.team_spend(team_id, month),
+                    ],
+                    [nano, tokens, second],
+                )
+                for key_id, team_id, day, month, nano, tokens in counts
+            ]
+            await self._call(asyncio.gather(*calls))
+            return
+        teams: dict[tuple[str, str, str], int] = {}
+        calls = []
+        for key_id, team_id, day, month, nano, tokens in counts:
+            calls.append(
+                self._batch.call(
+                    self._add_key,
+                    [self.key_spend(key_id, day), self.token_window(key_id)],
+                    [nano, tokens, second],
+                )
             )
-            for key_id, day, nano, tokens in keys
-        ]
+            if nano:
+                teams[(team_id, day, month)] = teams.get((team_id, day, month), 0) + nano
         calls += [
             self._batch.call(
                 self._add_team,
                 [self.team_spend(team_id, day), self.team_spend(team_id, month)],
                 [nano],
             )
-            for team_id, day, month, nano in teams
+            for (team_id, day, month), nano in teams.items()
         ]
         await self._call(asyncio.gather(*calls))
 
@@ -1138,7 +1253,8 @@ class KeyStore:
 
 class Judged(NamedTuple):
     """What `judge_spend` read. `code`: 0 accepted, 1 responses per minute, 2 tokens per minute,
-    3 key's spend today, 4 key's spend counter missing; `figure`: tokens of the last minute
+    3 key's spend today, 4 key's spend counter missing, and from one server's single script 5 a
+    team's counter missing, 6 the team's spend over a cap; `figure`: tokens of the last minute
     (2) or the key's spend today in nano-USD (0, 3); the team's spend (nano-USD) today and this
     month, None when the counter is missing (or not asked for); the member the turn took in the
     response window (to give back if the team refuses it)."""
@@ -1147,7 +1263,7 @@ class Judged(NamedTuple):
     figure: int
     team_day: int | None
     team_month: int | None
-    member: str | None
+    member: str | None = None
 
 
 def _ignore(future: asyncio.Future[Any]) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -114,6 +115,16 @@ class Periods:
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def caps_of(limits: Limits) -> tuple[int, int, int]:
+    """A team's spend caps in nano-USD (key's day, team's day, team's month); 0 is none."""
+    return (
+        nano_usd(limits.usd_per_day_per_key),
+        nano_usd(limits.usd_per_day_per_team),
+        nano_usd(limits.usd_per_month_per_team),
+    )
+
+
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -143,15 +154,26 @@ class SpendBook:
         self.store = store
         self.sums = sums
         self.ledger = ledger  # this node's unwritten rows count in a rebuild; None in a shell
-        self._keys: dict[tuple[str, str], list[int]] = {}  # (key, day) -> [nano, tokens]
-        self._teams: dict[tuple[str, str, str], int] = {}  # (team, day, month) -> nano
+        # (key, team, day, month) -> [nano-USD, tokens] not yet sent
+        self._counts: dict[tuple[str, str, str, str], list[int]] = {}
         self._unsent = 0
         self._sender: asyncio.Task[None] | None = None
         self._rebuilds: dict[tuple[str, ...], asyncio.Task[bool]] = {}
         self._failed_until: dict[tuple[str, ...], float] = {}  # job -> time.monotonic()
+        self._periods = Periods.at(datetime.now(UTC))
         self._warned: set[tuple[str, str]] = set()
         # gateway_budget_used_ratio children set here, with the end of the period they show.
         self._gauges: dict[tuple[str, str], datetime] = {}
+
+    def _periods_at(self, moment: datetime) -> Periods:
+        """`Periods.at`, computed once a day (a turn needs its day's, almost always today's)."""
+        periods = self._periods
+        if periods.day_start <= moment < periods.day_end:
+            return periods
+        periods = Periods.at(moment)
+        if moment >= self._periods.day_end:
+            self._periods = periods
+        return periods
 
     # -- check 8 ----------------------------------------------------------------------------------
 
@@ -165,7 +187,8 @@ class SpendBook:
                 raise GatewayError(Code.RATE_LIMIT_EXCEEDED)
             return
         assert team is not None
-        periods = Periods.at(datetime.now(UTC))
+        periods = self._periods_at(datetime.now(UTC))
+        key_day_cap, team_day_cap, team_month_cap = caps_of(limits)
         for attempt in (1, 2):
             try:
                 judged = await self.store.judge_spend(
@@ -173,10 +196,11 @@ class SpendBook:
                     team.id,
                     responses=limits.responses_per_minute_per_key,
                     tokens=limits.tokens_per_minute_per_key,
-                    key_day_cap=nano_usd(limits.usd_per_day_per_key),
+                    key_day_cap=key_day_cap,
+                    team_day_cap=team_day_cap,
+                    team_month_cap=team_month_cap,
                     day=periods.day,
                     month=periods.month,
-                    team=bool(limits.usd_per_day_per_team or limits.usd_per_month_per_team),
                 )
             except GatewayError:
                 return  # Redis away: limits fail open (CONTRACT.md §4)
@@ -198,7 +222,7 @@ class SpendBook:
                     "day",
                     periods.day_end,
                 )
-            missing = self._missing(principal, team, periods, judged)
+            missing = self._missing(principal, team, periods, judged)  # codes 4 and 5
             if missing:
                 if judged.code == 0 and judged.member is not None:
                     self.store.unjudge(principal.key_id, judged.member)
@@ -221,7 +245,7 @@ class SpendBook:
         self, principal: Principal, team: Team, periods: Periods, judged: Any
     ) -> list[str]:
         names = []
-        if judged.code == 4:
+        if judged.code == 4:  # the script stopped there: the team's figures may be unread
             names.append(self.store.key_spend(principal.key_id, periods.day))
         if team.limits.usd_per_day_per_team and judged.team_day is None:
             names.append(self.store.team_spend(team.id, periods.day))
@@ -350,46 +374,39 @@ class SpendBook:
         cost = nano_usd(turn.cost_usd) if turn.cost_usd is not None else 0
         if not tokens and not cost:
             return
-        periods = Periods.at(turn.received_at)
-        entry = self._keys.setdefault((turn.key_id, periods.day), [0, 0])
-        entry[0] += cost
-        entry[1] += tokens
-        if cost:
-            team = (turn.team_id, periods.day, periods.month)
-            self._teams[team] = self._teams.get(team, 0) + cost
+        periods = self._periods_at(turn.received_at)
+        name = (turn.key_id, turn.team_id, periods.day, periods.month)
+        entry = self._counts.get(name)
+        if entry is None:
+            self._counts[name] = [cost, tokens]
+        else:
+            entry[0] += cost
+            entry[1] += tokens
         self._unsent += 1
         if self._sender is None:
             self._sender = asyncio.create_task(self._send(), name="spend-counts")
 
     async def _send(self) -> None:
         try:
-            while self._keys or self._teams:
-                keys, self._keys = self._keys, {}
-                teams, self._teams = self._teams, {}
+            while self._counts:
+                counts, self._counts = self._counts, {}
                 unsent, self._unsent = self._unsent, 0
                 try:
-                    await self.store.add_spend(
-                        [(k, d, n, t) for (k, d), (n, t) in keys.items()],
-                        [(t, d, m, n) for (t, d, m), n in teams.items()],
-                    )
+                    await self.store.add_spend([(*n, c, t) for n, (c, t) in counts.items()])
                 except GatewayError:
-                    self._requeue(keys, teams, unsent)
+                    self._requeue(counts, unsent)
                     await asyncio.sleep(UNSENT_RETRY_SECONDS)
         finally:
             self._sender = None
 
-    def _requeue(
-        self, keys: dict[tuple[str, str], list[int]], teams: dict[Any, int], unsent: int
-    ) -> None:
+    def _requeue(self, counts: dict[tuple[str, str, str, str], list[int]], unsent: int) -> None:
         if self._unsent + unsent > UNSENT_MAX:
             log.error("spend: Redis away, %d response counts dropped", unsent)
             return
-        for name, (nano, tokens) in keys.items():
-            entry = self._keys.setdefault(name, [0, 0])
+        for name, (nano, tokens) in counts.items():
+            entry = self._counts.setdefault(name, [0, 0])
             entry[0] += nano
             entry[1] += tokens
-        for name, nano in teams.items():
-            self._teams[name] = self._teams.get(name, 0) + nano
         self._unsent += unsent
 
     async def flush(self) -> None:
@@ -398,14 +415,10 @@ class SpendBook:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, GatewayError):
                 await self._sender
-        keys, self._keys = self._keys, {}
-        teams, self._teams = self._teams, {}
-        if keys or teams:
+        counts, self._counts = self._counts, {}
+        if counts:
             with contextlib.suppress(GatewayError):
-                await self.store.add_spend(
-                    [(k, d, n, t) for (k, d), (n, t) in keys.items()],
-                    [(t, d, m, n) for (t, d, m), n in teams.items()],
-                )
+                await self.store.add_spend([(*n, c, t) for n, (c, t) in counts.items()])
 
     # -- where a team stands ----------------------------------------------------------------------
 

@@ -178,19 +178,28 @@ async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
     try:
         limit = 1000
         spares = min(limit // 20, RATE_SPARES)
-        # The first turn asks Redis and takes spares: counted in the window at once.
+        # A key's first turn on this node asks Redis and takes no spares: a key this quiet
+        # would give them all back unused.
         assert await store.allow_response("k", limit)
-        assert await _window_size(store, "k") == 1 + spares
+        assert await _window_size(store, "k") == 1
+        # Its second within RATE_SPARE_SECONDS asks again and takes spares: counted at once.
+        assert await store.allow_response("k", limit)
+        assert await _window_size(store, "k") == 2 + spares
         # The next turns use them: no round trip, so the window does not move.
         for _ in range(spares):
             assert await store.allow_response("k", limit)
-        assert await _window_size(store, "k") == 1 + spares
+        assert await _window_size(store, "k") == 2 + spares
         # The one after asks again (and takes more).
         assert await store.allow_response("k", limit)
-        assert await _window_size(store, "k") == 2 + 2 * spares
+        assert await _window_size(store, "k") == 3 + 2 * spares
         # Unused, they go back: the window then holds exactly the turns accepted.
         await asyncio.sleep(RATE_SPARE_SECONDS * 2.5)
-        assert await _window_size(store, "k") == 2 + spares
+        assert await _window_size(store, "k") == 3 + spares
+        # A key whose turns are further apart than RATE_SPARE_SECONDS never takes any.
+        for _ in range(2):
+            assert await store.allow_response("quiet", limit)
+            await asyncio.sleep(RATE_SPARE_SECONDS * 1.2)
+        assert await _window_size(store, "quiet") == 2
     finally:
         await store.close()
 
