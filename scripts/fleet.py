@@ -226,6 +226,11 @@ async def lapse_of(run: Run, sockets: set[str], since: float) -> float | None:
         await store.close()
 
 
+def _p50_max(seconds: list[float]) -> str:
+    p50 = statistics.median(seconds) if seconds else 0.0
+    return f"p50 {p50:.2f}s max {max(seconds, default=0.0):.2f}s"
+
+
 async def kill(run: Run) -> list[str]:
     """SIGKILL node 0 mid-stream; the failures. tests/test_fleet.py's kill test, at scale."""
     args, fleet, tenant = run.args, run.fleet, run.tenant
@@ -280,14 +285,15 @@ async def kill(run: Run) -> list[str]:
     cut = set(figures.cut)
     lost = figures.started - cut - set(rows)  # ended, but the row died with the node
     recon = sorted(figures.reconnects)
+    reopen = sorted(figures.reopens)
     closes = sum(figures.closes.values())
     codes = {int(c) if c is not None else None: n for c, n in figures.closes.items()}
     print(
         f"kill: {args.nodes} nodes, {args.clients} clients, n0 SIGKILLed holding {len(victims)}"
         f" sockets\n{figures.summary()}\n"
-        f"clients that saw a close: {closes} (codes {codes}); reconnect (close to the next"
-        f" turn's completion, a 2 s response) p50 {statistics.median(recon) if recon else 0.0:.2f}s"
-        f" max {max(recon, default=0.0):.2f}s over {len(recon)}\n"
+        f"clients that saw a close: {closes} (codes {codes}); new socket open after"
+        f" {_p50_max(reopen)}; the next turn (a 2 s response) completed after {_p50_max(recon)}"
+        f" ({len(recon)} clients)\n"
         f"responses cut: {len(cut)}; ledger rows of cut responses: {len(cut & set(rows))};"
         f" rows lost with the node: {len(lost)}\n"
         f"the killed node's slots lapsed "
