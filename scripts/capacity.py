@@ -556,6 +556,14 @@ def _top(counts: dict[str, float], per: float, limit: int = 12) -> str:
     return " ".join(shown) or "-"
 
 
+def _by_command(c: Cost) -> str:
+    parts = sorted(c.redis.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = [
+        f"{k} {c.per_op(v):.2f} ({c.per_s(v):.0f}/s)" for k, v in parts if c.per_op(v) >= 0.005
+    ]
+    return " ".join(shown) or "-"
+
+
 def _rows(c: Cost) -> tuple[float, float]:
     return sum(c.inserted.values()), sum(c.updated.values())
 
@@ -590,10 +598,10 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         " seconds per second of the load (nodes together; redis: its main thread; others: the rest"
         " of the host, Postgres included)."
     )
-    print("\nRedis commands per operation, by command:")
+    print("\nRedis commands by command, per operation (and per second):")
     for run in runs:
         for name, c in run.loads.items():
-            print(f"  {run.nodes} node(s), {name}: {_top(c.redis, c.ops)}")
+            print(f"  {run.nodes} node(s), {name}: {_by_command(c)}")
     print("\nPostgres rows per operation, by table (inserted; updated):")
     for run in runs:
         for name, c in run.loads.items():
