@@ -237,6 +237,7 @@ class Figures:
     closes: Counter[int | None] = field(default_factory=Counter)  # closes the client did not ask
     handshake_retries: Counter[str] = field(default_factory=Counter)
     reconnects: list[float] = field(default_factory=list)  # close -> next turn's terminal, s
+    reopens: list[float] = field(default_factory=list)  # close -> the new socket open, s
     resent_turns: int = 0  # turns sent before a close the gateway never answered
 
     def summary(self) -> str:
@@ -323,6 +324,8 @@ async def agent(
         while not stop.is_set():
             if sock is None:
                 sock = await _connect(http, url, key, figures)
+                if closed_at is not None:
+                    figures.reopens.append(time.monotonic() - closed_at)
                 last_id = None  # a new socket: the whole conversation, unchained
             if tool_output is not None:
                 new_items = [tool_output]

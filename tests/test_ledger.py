@@ -656,21 +656,58 @@ async def test_migration_from_an_unpartitioned_ledger_keeps_every_row(
         drop()
 
 
-async def test_explain_of_a_time_range_reads_only_the_partitions_in_range(
-    ledger_db: str, db: asyncpg.Connection
+async def test_explain_of_each_documented_query_reads_only_the_partitions_in_range(
+    pg_admin_dsn: str,
 ) -> None:
-    await ensure_partitions(ledger_db)
-    this = f"{NOW:%Y_%m}"
-    start = month_start(NOW)
-    queries = {
-        "responses_of_key": ("key-1", start + timedelta(days=1), start + timedelta(days=2)),
-        "spend_per_team_per_day": (start.date(), (start + timedelta(days=2)).date()),
-    }
-    for name, args in queries.items():
-        text = await explain(db, doc_query(name), args)
-        print(f"{name}:\n{text}")
-        read = sorted(set(re.findall(r"\bturns_(p\d{4}_\d{2}|legacy|default)\b", text)))
-        assert read == [f"p{this}"], text
+    """A ledger with month partitions from three months back to the ones ahead: each query of
+    docs/ledger.md reads only the partitions its range reaches (the others pruned, at planning
+    or, for `now()`, at executor start)."""
+    dsn, drop = fresh_database(pg_admin_dsn)
+    try:
+        await migrate(dsn)
+        await ensure_partitions(dsn)  # this month and two ahead
+        db = await asyncpg.connect(dsn)
+        try:
+            for back in (-3, -2, -1):
+                for table, key in (("sockets", "opened_at"), ("turns", "received_at")):
+                    await db.execute(
+                        "SELECT ledger_month_partition($1, $2, $3)",
+                        table,
+                        key,
+                        month_start(NOW, back),
+                    )
+            months = sorted(p.removeprefix("turns_") for p in await partitions(db, "turns"))
+            assert sorted(p.removeprefix("sockets_") for p in await partitions(db, "sockets")) == (
+                months
+            )
+            past = [f"p{month_start(NOW, m):%Y_%m}" for m in (-3, -2, -1, 0, 1)]
+            assert set(past) < set(months) and "default" in months, months
+            # A range inside the month two months back: that month's partition alone.
+            start = month_start(NOW, -2)
+            queries: dict[str, tuple[tuple[Any, ...], list[str]]] = {
+                "responses_of_key": (
+                    ("key-1", start + timedelta(days=1), start + timedelta(days=2)),
+                    [past[1]],
+                ),
+                "spend_per_team_per_day": (
+                    (start.date(), (start + timedelta(days=2)).date()),
+                    [past[1]],
+                ),
+            }
+            # Closed in the last hour: opened since 27 hours ago (the month of that on, the
+            # partitions ahead included) or never matched (opened_at NULL, the default one).
+            since = datetime.now(UTC) - timedelta(hours=27)
+            recent = [m for m in months if f"p{since:%Y_%m}" <= m < "q"]  # "default" sorts after
+            queries["close_codes_last_hour"] = ((), [*recent, "default"])
+            for name, (args, expected) in queries.items():
+                text = await explain(db, doc_query(name), args)
+                print(f"{name}:\n{text}")
+                read = re.findall(r"\b(?:turns|sockets)_(p\d{4}_\d{2}|legacy|default)\b", text)
+                assert sorted(set(read)) == sorted(expected), text
+        finally:
+            await db.close()
+    finally:
+        drop()
 
 
 # -- the three queries of docs/ledger.md -----------------------------------------------------------
@@ -755,15 +792,28 @@ async def test_query_close_codes_of_the_last_hour_by_side(
         )
     ledger.record(closed("old", closed_at=now - timedelta(hours=2), close_code=1011))
     ledger.record(opened("still-open"))
+    # Counted though its open is far back: a socket that lived its whole 24 h lifetime and then
+    # finished a long response.
+    lived = now - timedelta(hours=25, minutes=30)
+    ledger.record(opened("lived", opened_at=lived))
+    ledger.record(
+        closed("lived", opened_at=lived, closed_at=now - timedelta(minutes=10), close_code=1000)
+    )
+    # Counted though it has no opened_at: a close spilled before partitioning whose open half
+    # was never written (sockets_default).
+    ledger.record(
+        closed("unmatched", opened_at=None, closed_at=now - timedelta(minutes=10), close_code=1001)
+    )
     assert await ledger.flushed()
+    assert await db.fetchval("SELECT count(*) FROM sockets_default WHERE opened_at IS NULL") == 1
     sql = doc_query("close_codes_last_hour")
     rows = [tuple(r) for r in await db.fetch(sql)]
     assert rows == [
-        ("client", 1000, 2),
-        ("client", 1001, 1),
+        ("client", 1000, 3),
+        ("client", 1001, 2),
         ("gateway", 1001, 2),
         ("gateway", 1008, 1),
-        ("upstream", 1000, 2),
+        ("upstream", 1000, 4),
         ("upstream", 1006, 2),
     ]
     assert await uses_index(db, sql, (), "sockets_closed_at_idx")
