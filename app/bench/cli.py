@@ -220,9 +220,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cmp.add_argument(
         "--profile-load",
-        choices=("saturated", "paced", "handshakes"),
+        choices=("saturated", "paced", "handshakes", "turns", "burst"),
         default="saturated",
-        help="the load run while --profile samples (default saturated)",
+        help="the load run while --profile samples (default saturated; turns: one-event "
+        "turns, saturated; burst: --burst new sockets at once, each with its first turn)",
     )
     cmp.add_argument(
         "--profile-seconds", type=pos_float, default=10.0, help="how long py-spy samples (10)"

@@ -32,6 +32,7 @@ from app.bench.load import (
     LoadResult,
     Shape,
     Target,
+    burst_first_turns,
     first_turns,
     handshake_rate,
     idle_rss,
@@ -365,6 +366,15 @@ async def _profile(plan: Plan, stack: Stack, options: CompareOptions) -> None:
             await _handshakes(plan, stack, target)
         elif kind == "paced":
             await _load(plan, stack, target, plan.paced, plan.sockets, plan.turns)
+        elif kind == "turns":  # one-event turns: the fixed cost of a turn
+            shape = Shape.of_events(plan.model, 1)
+            turns = plan.shape_turns(1)
+            await _load(plan, stack, target, shape, plan.saturate_sockets, turns)
+        elif kind == "burst":  # new sockets at once, each with its first turn
+            await _quiet(stack)
+            await burst_first_turns(
+                target, plan.small, count=plan.burst or 200, timeout=plan.timeout
+            )
         else:
             await _load(
                 plan, stack, target, plan.saturated, plan.saturate_sockets, plan.saturate_turns
