@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from app import eventloop
+from app.bench.relay import LISTEN_BACKLOG
 
 
 @dataclass
@@ -76,7 +77,7 @@ async def run_http_relay(host: str, port: int, upstream_base: str) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         eventloop.freeze_startup()  # as the gateway does
