@@ -370,6 +370,9 @@ async def _profile(plan: Plan, stack: Stack, options: CompareOptions) -> None:
             shape = Shape.of_events(plan.model, 1)
             turns = plan.shape_turns(1)
             await _load(plan, stack, target, shape, plan.saturate_sockets, turns)
+        elif kind == "sse":  # POST /v1/responses with stream: true, saturated
+            http_target = next(t for t in stack.http_targets() if t.name == "gateway")
+            await phases.sse_load(plan, stack, http_target)
         elif kind == "burst":  # new sockets at once, each with its first turn
             await _quiet(stack)
             await burst_first_turns(

@@ -369,23 +369,25 @@ class Sse:
     errors: int = 0
 
 
+async def sse_load(plan: Plan, stack: Stack, target: Target) -> LoadResult:
+    await quiet(stack)
+    return await run_sse_load(
+        target,
+        plan.saturated,
+        clients=plan.saturate_sockets,
+        requests=plan.saturate_turns,
+        timeout=plan.timeout,
+        meter=meter(stack, target),
+    )
+
+
 async def measure_sse(plan: Plan, stack: Stack) -> Sse:
     targets = stack.http_targets()
     results: dict[str, list[LoadResult]] = {t.name: [] for t in targets}
     for number in range(plan.shape_rounds):
         for target in rotate(targets, number):
             say(f"SSE round {number + 1}/{plan.shape_rounds}: {target.name}")
-            await quiet(stack)
-            results[target.name].append(
-                await run_sse_load(
-                    target,
-                    plan.saturated,
-                    clients=plan.saturate_sockets,
-                    requests=plan.saturate_turns,
-                    timeout=plan.timeout,
-                    meter=meter(stack, target),
-                )
-            )
+            results[target.name].append(await sse_load(plan, stack, target))
     sse = Sse()
     expected = plan.saturated.events * plan.saturate_sockets * plan.saturate_turns
     for name, found in results.items():
