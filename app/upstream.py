@@ -63,7 +63,8 @@ class UpstreamConn:
 
     async def send(self, body: dict[str, Any]) -> None:
         self.served += 1
-        await self.ws.send_str(orjson.dumps(body).decode())
+        # orjson's UTF-8 as the text frame's payload: no decode to str and encode back.
+        await self.ws.send_frame(orjson.dumps(body), aiohttp.WSMsgType.TEXT)
 
     async def close(self) -> None:
         self.closing = True
