@@ -149,6 +149,22 @@ class HttpReply:
             raise UpstreamUnreachable(type(exc).__name__) from exc
         return redact_bytes(raw, (self._credential,)) if self._resp.status >= 400 else raw
 
+    async def event_batches(self) -> AsyncIterator[list[sse.Event]]:
+        """The body's server-sent events, one list per chunk read (the events it completes,
+        possibly none): a relay can write a chunk's events in one write, not one each."""
+        lines, decoder = sse.Lines(), sse.Decoder()
+        try:
+            async for chunk in self._resp.content.iter_any():
+                batch = []
+                for raw in lines.feed(chunk):
+                    event = decoder.line(raw)
+                    if event is not None:
+                        batch.append(event)
+                if batch:
+                    yield batch
+        except _UNREACHABLE as exc:
+            raise UpstreamUnreachable(type(exc).__name__) from exc
+
     async def events(self) -> AsyncIterator[sse.Event]:
         """The body's server-sent events, in order, as they arrive."""
         # `sse.parse` inlined: a generator less for every event to pass through.
