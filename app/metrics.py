@@ -100,8 +100,8 @@ UPSTREAM_RETRIES_TOTAL = Counter(
 
 class _Histogram(Histogram):
     """prometheus-client's histogram, observed with a C bisect instead of its walk of the
-    buckets in Python (it holds the same values afterwards: tests/test_units.py). A turn observes
-    two of them; the per-event one is tallied (`Tally`)."""
+    buckets in Python (it holds the same values afterwards: tests/test_hot_path_parts.py). A
+    turn observes two of them; the per-event one is tallied (`Tally`)."""
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         if exemplar is not None or self._labelnames:  # exemplars; labelled ones (none here)
