@@ -46,8 +46,20 @@ class Lines:
             self._partial += chunk
             self._after_cr = False
             return []
-        start = 1 if self._after_cr and chunk[0] == 0x0A else 0
-        lines: list[bytes] = []
+        skip_lf = self._after_cr and chunk[0] == 0x0A  # the rest of a CRLF cut in two
+        if b"\r" not in chunk:  # the norm (OpenAI ends lines with LF): one split, no regex
+            lines = chunk.split(b"\n")
+            self._after_cr = False
+            rest = lines.pop()
+            if skip_lf:
+                del lines[0]  # the empty piece before that LF: its line ended at the CR
+            elif self._partial:
+                lines[0] = bytes(self._partial + lines[0])
+                self._partial.clear()
+            self._partial += rest
+            return lines
+        start = 1 if skip_lf else 0
+        lines = []
         for end in _LINE_END.finditer(chunk, start):
             piece = chunk[start : end.start()]
             if self._partial:
@@ -107,5 +119,7 @@ async def parse(chunks: AsyncIterable[bytes]) -> AsyncIterator[Event]:
 def encode(data: str, event: str | None = None) -> bytes:
     """One event: `event:` line (if any), one `data:` line per line of data, a blank line."""
     head = f"event: {event}\n" if event else ""
+    if "\n" not in data:  # the norm: one line of JSON
+        return f"{head}data: {data}\n\n".encode()
     body = "".join(f"data: {line}\n" for line in data.split("\n"))
     return (head + body + "\n").encode()

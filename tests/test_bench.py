@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from app.bench import report
+from app.bench import phases, report
 from app.bench.load import Shape, event_type, sent_at_of
 from app.bench.plan import Plan
 from app.bench.profile import summarize
@@ -38,7 +38,29 @@ TINY = [
     "--first-turn-pause-ms", "10",
     "--handshake-delay-ms", "20",
     "--pool-warmup-s", "0",
+    "--events-per-turn", "1,9",
+    "--shape-rounds", "1",
+    "--shape-events", "40",
+    "--shape-max-turns", "8",
+    "--burst", "4",
+    "--burst-rounds", "1",
 ]  # fmt: skip
+
+# The phases beside the rounds (app/bench/phases.py): a line each, found by its start.
+PHASE_LINES = [
+    "CPU per forwarded event by turn length",
+    "1 ",
+    "9 ",
+    "fixed CPU per accepted turn (1 event a turn)",
+    "--workers 2: saturated events per second",
+    "--workers 2: one scrape of /metrics counted",
+    "POST /v1/responses with stream: true",
+    "saturated events per second",
+    "CPU-seconds per 1,000 events",
+    "first turn of 4 sockets connecting at once",
+    "p50",
+    "p99",
+]
 
 COMPARE_LABELS = [
     report.HANDSHAKES,
@@ -70,8 +92,15 @@ def test_compare_runs_and_prints_every_figure(
         line = next((x for x in out.splitlines() if x.strip().startswith(label)), None)
         assert line is not None, f"no line for {label!r} in:\n{out}"
         assert line.rstrip().endswith(("x", "-")), line  # a gateway/relay column
-    verdicts = [x for x in out.splitlines() if x.startswith(("PASS", "FAIL", "N/A"))]
-    assert len(verdicts) == 6, out
+    lines = out.splitlines()
+    for start in PHASE_LINES:
+        assert any(x.startswith(start) for x in lines), f"no line starting {start!r} in:\n{out}"
+    assert "relay-asyncio" in out or "relay-uvloop" in out, out  # the relay on both loops
+    assert "one /metrics for 2 workers: " in out, out
+    verdicts = [x for x in lines if x.startswith(("PASS", "FAIL", "N/A"))]
+    # 6 of the rounds, the fixed cost per turn (9 events a turn is under 20: no line of its
+    # own), 2 of the workers, 2 of SSE, 4 of the burst
+    assert len(verdicts) == 15, out
     errors = next(x for x in out.splitlines() if x.startswith(report.ERRORS)).split()
     assert errors[2:5] == ["0", "0", "0"], out  # no target answered a turn with an error
 
@@ -176,13 +205,15 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
-    relay = report.Figures(events_per_s=1000, cpu_per_1k=0.010, latency_p99=0.002)
+    relay = report.Figures(
+        events_per_s=1000, cpu_per_1k=0.010, latency_p99=0.002, handshakes_per_s=1000
+    )
     direct = report.Figures(first_turn_p50=0.150)
     good = report.Figures(
         events_per_s=800,
         cpu_per_1k=0.013,
-        latency_p99=0.003,
-        rss_per_socket=48 * 1024,
+        latency_p99=0.0026,
+        rss_per_socket=36 * 1024,
         handshakes_per_s=1000,
         first_turn_p50=0.010,
     )
@@ -191,8 +222,8 @@ def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
     bad = report.Figures(
         events_per_s=799,
         cpu_per_1k=0.0131,
-        latency_p99=0.0031,
-        rss_per_socket=49 * 1024,
+        latency_p99=0.00261,
+        rss_per_socket=37 * 1024,
         handshakes_per_s=999,
         first_turn_p50=0.150,
     )
@@ -221,3 +252,32 @@ def test_profile_summary_keeps_the_event_loop_thread() -> None:
     assert "   75.0%  send" in lines
     assert "  100.0%  Session._read_upstream (app/session.py)" not in lines  # under every stack
     assert not any("_worker" in line for line in lines)
+
+
+def test_phase_targets_use_the_issue_thresholds() -> None:
+    rows = [
+        phases.ShapeRow(1, 10, {}, {"relay": 50e-6, "gateway": 150e-6}),
+        phases.ShapeRow(20, 10, {"relay": 10e-6, "gateway": 12e-6}, {}),
+        phases.ShapeRow(108, 10, {"relay": 10e-6, "gateway": 10.1e-6}, {}),
+    ]
+    assert [v.passed for v in phases.shape_verdicts(rows)] == [True, False, True]
+    rows[0].per_turn["gateway"] = 151e-6
+    assert phases.shape_verdicts(rows)[-1].passed is False
+    burst = phases.Burst(200, 150)
+    burst.p50 = {"direct": 0.150, "relay": 0.160, "gateway-nopool": 0.240, "gateway-pool": 0.149}
+    burst.p99 = {"direct": 0.2, "relay": 0.2, "gateway-nopool": 0.31, "gateway-pool": 0.2}
+    assert [v.passed for v in phases.burst_verdicts(burst)] == [True, False, True, False]
+    sse = phases.Sse({"http-relay": 1000, "gateway": 900}, {"http-relay": 0.010, "gateway": 0.013})
+    assert [v.passed for v in phases.sse_verdicts(sse)] == [True, True]
+    workers = phases.Workers(2, {"gateway": 1000, "gateway-w2": 1790}, {}, counted=5, served=6)
+    assert [v.passed for v in phases.workers_verdicts(workers, "gateway-w2")] == [False, False]
+
+
+def test_turn_lengths_are_one_event_or_nine_and_more() -> None:
+    assert Shape.of_events("openai/m", 1).events == 1
+    assert Shape.of_events("openai/m", 108).events == 108
+    assert Shape.of_events("openai/m", 108).deltas == 100
+    with pytest.raises(ValueError):
+        Shape.of_events("openai/m", 5)
+    assert _plan(saturate_sockets=50).shape_turns(1) == 60  # 3,000 turns at most
+    assert _plan(saturate_sockets=50).shape_turns(108) == 10  # 54,000 events

@@ -81,6 +81,22 @@ def test_a_flushed_tally_equals_observing_each_value() -> None:
     assert want[("_count", "")] == sum(1 + i % 3 for i in range(5000))
 
 
+def test_the_bisect_histogram_equals_prometheus_clients() -> None:
+    """`metrics._Histogram.observe` (a C bisect) leaves what `Histogram.observe` (a walk of the
+    buckets) does, values on the bounds included."""
+    buckets = (0.00001, 0.000025, 0.0001, 0.001, 0.01, 0.1)
+    walked = Histogram("a", "a", buckets=buckets, registry=CollectorRegistry())
+    bisected = metrics._Histogram("b", "b", buckets=buckets, registry=CollectorRegistry())
+    rng = random.Random(7)
+    for _ in range(5000):
+        value = rng.choice([*buckets, 0.0, 0.5, -1.0, rng.expovariate(2000.0)])
+        walked.observe(value)
+        bisected.observe(value)
+    got = {(name[1:], le): v for (name, le), v in _samples(bisected).items()}
+    want = {(name[1:], le): v for (name, le), v in _samples(walked).items()}
+    assert got == pytest.approx(want)
+
+
 def test_an_event_tally_counts_each_event_once_and_times_only_the_first() -> None:
     """`EventTally.forwarded`, the one place a forwarded event is counted (raw path per write,
     aiohttp's path per event): its overhead tallied as `Tally.observe` would, TTFE once."""

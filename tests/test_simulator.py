@@ -292,6 +292,16 @@ async def test_forced_deltas_and_delay(server: TestServer) -> None:
     assert elapsed >= 0.15
 
 
+async def test_terminal_only_sends_the_last_event_alone(server: TestServer) -> None:
+    async with connect(server) as ws:
+        events = await turn(ws, input="one two", metadata={"sim_terminal_only": "true"})
+        assert [e["type"] for e in events] == ["response.completed"]
+        assert events[0]["response"]["output"][0]["content"][0]["text"] == "echo: one two"
+        await send(ws, create(metadata={"sim_terminal_only": "yes"}))
+        refused = await recv(ws)
+        assert refused["error"]["param"] == "metadata.sim_terminal_only"
+
+
 async def test_incomplete_stops_halfway(server: TestServer) -> None:
     async with connect(server) as ws:
         events = await turn(ws, input="a b c d e", metadata={"sim_fault": "incomplete"})

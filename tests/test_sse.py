@@ -8,10 +8,14 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
+import aiohttp
 import orjson
+from aiohttp import web
 
 from app import sse
+from app.upstream import post_http
 
 # Every line end the specification knows (CRLF, CR alone, LF alone), next to each other, ending
 # blank lines and field lines, around multi-byte UTF-8.
@@ -164,3 +168,27 @@ async def test_a_16_mib_event_in_64_kib_chunks() -> None:
 
 async def test_a_16_mib_event_in_1_byte_chunks_in_linear_time() -> None:
     await _one_big_event(1)
+
+
+async def test_event_batches_are_the_events_of_each_chunk(aiohttp_server: Any) -> None:
+    """`HttpReply.event_batches`: the events each chunk read completes, one list per chunk, in
+    order, a line cut across chunks included (app/upstream.py)."""
+    chunks = [b"event: a\ndata: 1\n\nevent: b\nda", b"ta: 2\n\n", b"data: 3\n\ndata: 4\n\n"]
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in chunks:
+            await resp.write(chunk)
+            await asyncio.sleep(0.05)  # each its own read
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/responses", stream)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as http:
+        url = str(server.make_url("/responses"))
+        async with post_http(http, url, "k", {}, connect=5, sock_read=5) as reply:
+            batches = [[(e.event, e.data) for e in b] async for b in reply.event_batches()]
+    assert batches == [[("a", "1")], [("b", "2")], [("message", "3"), ("message", "4")]]

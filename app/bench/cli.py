@@ -40,6 +40,26 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+def _events_list(text: str) -> tuple[int, ...]:
+    """`1,20,50,108`: turn lengths in events (1, or 9 and more); empty or `none`: no phase."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    values: list[int] = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected numbers with commas, got {text!r}"
+            ) from None
+        if value != 1 and value < 9:
+            raise argparse.ArgumentTypeError(
+                f"a turn has 1 event (the terminal one) or 9 and more (8 + deltas), not {value}"
+            )
+        values.append(value)
+    return tuple(values)
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Load-test a gateway (or any WebSocket Responses endpoint) and print its figures. "
@@ -120,6 +140,57 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="wait after the first-turn gateway starts, for a warm pool to fill (1.0)",
     )
     cmp.add_argument(
+        "--events-per-turn",
+        type=_events_list,
+        default=(1, 20, 50, 108),
+        metavar="E[,E…]",
+        help="turn lengths of the CPU-per-event phase, in events (1: the terminal event alone; "
+        "else 9 and more); default 1,20,50,108; none: skip the phase",
+    )
+    cmp.add_argument(
+        "--shape-rounds",
+        type=pos_int,
+        default=3,
+        help="rounds of the turn-length and SSE phases (3)",
+    )
+    cmp.add_argument(
+        "--shape-events",
+        type=pos_int,
+        default=54_000,
+        help="events per target and round for each turn length (54000)",
+    )
+    cmp.add_argument(
+        "--shape-max-turns",
+        type=pos_int,
+        default=3_000,
+        help="turns per target and round for each turn length, at most (3000)",
+    )
+    cmp.add_argument(
+        "--burst",
+        type=nn_int,
+        default=200,
+        help="sockets connecting at once, each sending its first turn at once (200; 0: skip)",
+    )
+    cmp.add_argument("--burst-rounds", type=pos_int, default=3, help="bursts per target (3)")
+    cmp.add_argument(
+        "--workers",
+        type=pos_int,
+        default=2,
+        help="also run a `gateway serve --workers N` against the one-worker gateway (2; 1: skip)",
+    )
+    cmp.add_argument(
+        "--no-sse",
+        dest="sse",
+        action="store_false",
+        help="skip POST /v1/responses with stream: true against the bare HTTP relay",
+    )
+    cmp.add_argument(
+        "--no-relay-loops",
+        dest="relay_loops",
+        action="store_false",
+        help="run the turn-length phase's relay on the gateway's event loop only",
+    )
+    cmp.add_argument(
         "--gateway-env",
         type=_env_pair,
         action="append",
@@ -149,9 +220,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cmp.add_argument(
         "--profile-load",
-        choices=("saturated", "paced", "handshakes"),
+        choices=("saturated", "paced", "handshakes", "turns", "burst", "sse"),
         default="saturated",
-        help="the load run while --profile samples (default saturated)",
+        help="the load run while --profile samples (default saturated; turns: one-event "
+        "turns, saturated; burst: --burst new sockets at once, each with its first turn; sse: "
+        "streamed POSTs, saturated; needs the SSE phase's relay, so not with --no-sse)",
     )
     cmp.add_argument(
         "--profile-seconds", type=pos_float, default=10.0, help="how long py-spy samples (10)"
@@ -183,6 +256,15 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         first_turns=args.first_turns,
         first_turn_pause_ms=args.first_turn_pause_ms,
         pool_warmup_s=args.pool_warmup_s,
+        events_per_turn=args.events_per_turn,
+        shape_rounds=args.shape_rounds,
+        shape_events=args.shape_events,
+        shape_max_turns=args.shape_max_turns,
+        burst=args.burst,
+        burst_rounds=args.burst_rounds,
+        workers=args.workers,
+        sse=args.sse,
+        relay_loops=args.relay_loops,
     )
 
 

@@ -6,8 +6,10 @@ Order of a run, each phase on every target before the next phase:
 2. `rounds` rounds, the targets alternating (the order rotates each round): handshakes, a
    saturated load, a paced load; each figure is the median over the rounds (CPU per event: the
    total over the rounds), so one round disturbed by a neighbour on the host moves it little;
-3. first turns through a second stack whose simulator delays each handshake;
-4. optionally, a py-spy profile of the gateway (or the relay) under the saturated load.
+3. CPU per event by turn length, `--workers N`, SSE (app/bench/phases.py), each alternating;
+4. first turns through a second stack whose simulator delays each handshake: one new socket at
+   a time, then bursts of `--burst` sockets at once (app/bench/phases.py);
+5. optionally, a py-spy profile of the gateway (or the relay) under the saturated load.
 
 Before each measurement the bench waits until its processes are quiet (a process still closing
 the last phase's sockets would slow the next phase down).
@@ -18,29 +20,29 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from app import eventloop
-from app.bench import profile, report
+from app.bench import phases, profile, report
 from app.bench.load import (
     BenchError,
     LoadResult,
     Shape,
     Target,
+    burst_first_turns,
     first_turns,
     handshake_rate,
     idle_rss,
-    run_load,
 )
+from app.bench.phases import rotate as _rotate
+from app.bench.phases import say
 from app.bench.plan import Plan
-from app.bench.proc import CpuMeter, HostLoad, wait_quiet
-from app.bench.report import Figures, median, percentile
-from app.bench.stack import Stack, bed, start_stack
+from app.bench.proc import HostLoad
+from app.bench.report import Figures, Verdict, median, percentile
+from app.bench.stack import Bed, Stack, add_gateway, add_http_relay, add_relay, bed, start_stack
 
 
 @dataclass(frozen=True)
@@ -54,41 +56,14 @@ class CompareOptions:
     workdir: Path | None = None
 
 
-def say(text: str) -> None:
-    """Progress, on stderr: stdout keeps the report."""
-    print(f"  .. {text}", file=sys.stderr, flush=True)
-
-
-def _rotate(targets: Sequence[Target], by: int) -> list[Target]:
-    by %= len(targets)
-    return [*targets[by:], *targets[:by]]
-
-
-def _meter(stack: Stack, target: Target) -> CpuMeter:
-    pids = {"sim": stack.sim.pid}
-    if target.name != "direct" and target.pid is not None:
-        pids["target"] = target.pid
-    return CpuMeter(pids)
-
-
-async def _quiet(stack: Stack) -> None:
-    if not await wait_quiet([stack.sim.pid, stack.relay.pid, stack.gateway.pid]):
-        say("the processes did not go quiet within 10 s; measuring anyway")
-
-
 async def _load(
     plan: Plan, stack: Stack, target: Target, shape: Shape, sockets: int, turns: int
 ) -> LoadResult:
-    await _quiet(stack)
-    return await run_load(
-        target,
-        shape,
-        sockets=sockets,
-        turns=turns,
-        concurrency=plan.concurrency,
-        timeout=plan.timeout,
-        meter=_meter(stack, target),
-    )
+    return await phases.load(plan, stack, target, shape, sockets, turns)
+
+
+async def _quiet(stack: Stack) -> None:
+    await phases.quiet(stack)
 
 
 def _per_1k(results: list[LoadResult], name: str) -> float | None:
@@ -148,6 +123,10 @@ def _header(plan: Plan, stack: Stack) -> list[str]:
         f"  idle: {p.idle_sockets} sockets that ran one turn each",
         f"  first turn: {p.first_turns} new sockets per target, {p.handshake_delay_ms:g} ms "
         "upstream handshake, timed from the client's handshake to the first event",
+        f"  turn lengths: {', '.join(map(str, p.events_per_turn)) or 'skipped'} events a turn, "
+        f"{p.saturate_sockets} sockets, {p.shape_rounds} rounds",
+        f"  burst: {p.burst or 'skipped'} sockets at once, {p.burst_rounds} rounds; workers: "
+        f"{p.workers if p.workers > 1 else 'skipped'}; SSE: {'yes' if p.sse else 'skipped'}",
     ]
 
 
@@ -166,6 +145,7 @@ BENCH_GATEWAY_ENV = {"GATEWAY_UPSTREAM_POOL_SIZE": "2"}
 
 async def compare(plan: Plan, options: CompareOptions) -> None:
     gateway_env = {**BENCH_GATEWAY_ENV, **options.gateway_env}
+    phases.check_events(plan)
     async with bed(
         plan.model,
         limits=options.team_limits,
@@ -180,17 +160,88 @@ async def compare(plan: Plan, options: CompareOptions) -> None:
         header = [*_header(plan, stack), f"  gateway settings: {settings}"]
         header += [f"  note: {n}" for n in b.backing.notes]
         print("\n".join(header), flush=True)
-        host = HostLoad([stack.sim.pid, stack.relay.pid, stack.gateway.pid])
+        extra = await _start_extras(plan, b, stack)
+        host = HostLoad(stack.pids)
         await _measure_rss(plan, stack, figures)
         await _measure_rounds(plan, stack, targets, figures)
+        lines, verdicts = await _measure_phases(plan, stack, extra)
         others = host.others_cores()
         say(f"starting a second stack with a {plan.handshake_delay_ms:g} ms upstream handshake")
         cold = await start_stack(b, "first-turn", handshake_delay_ms=plan.handshake_delay_ms)
+        burst_targets = await _start_burst_gateways(plan, b, cold)
         await asyncio.sleep(plan.pool_warmup_s)
         await _measure_first_turns(plan, cold, figures)
-        _print_report(plan, figures, others)
+        if burst_targets:
+            burst = await phases.measure_burst(plan, cold, burst_targets)
+            lines += ["", *phases.burst_lines(burst, plan.handshake_delay_ms)]
+            verdicts += phases.burst_verdicts(burst)
+        _print_report(plan, figures, others, lines, verdicts)
         if options.profile is not None:
             await _profile(plan, stack, options)
+
+
+def _workers_name(plan: Plan) -> str:
+    return f"gateway-w{plan.workers}"
+
+
+async def _start_extras(plan: Plan, b: Bed, stack: Stack) -> list[str]:
+    """The relay on the other event loop, the HTTP relay, the N-worker gateway, as asked."""
+    started: list[str] = []
+    if plan.relay_loops and plan.events_per_turn:
+        other = "asyncio" if eventloop.loop_name(_choice(stack.loop)) == "uvloop" else "uvloop"
+        if other == "asyncio" or eventloop.loop_name("auto") == "uvloop":
+            say(f"starting a relay on {other}")
+            await add_relay(b, stack, f"relay-{other}", other)
+            started.append(f"relay-{other}")
+    if plan.sse:
+        say("starting the bare HTTP relay")
+        await add_http_relay(b, stack)
+    if plan.workers > 1:
+        say(f"starting gateway serve --workers {plan.workers}")
+        await add_gateway(b, stack, _workers_name(plan), workers=plan.workers)
+    return started
+
+
+def _choice(loop: str) -> eventloop.LoopChoice:
+    return "asyncio" if loop == "asyncio" else "uvloop" if loop == "uvloop" else "auto"
+
+
+async def _start_burst_gateways(plan: Plan, b: Bed, cold: Stack) -> list[Target]:
+    if not plan.burst:
+        return []
+    say("starting the burst's gateways, without a warm pool and with one")
+    await add_gateway(b, cold, "gateway-nopool", env={"GATEWAY_UPSTREAM_POOL_SIZE": "0"})
+    await add_gateway(b, cold, "gateway-pool", env={"GATEWAY_UPSTREAM_POOL_SIZE": str(plan.burst)})
+    by_name = {t.name: t for t in cold.targets()}
+    return [
+        by_name["direct"],
+        by_name["relay"],
+        cold.extra("gateway-nopool"),
+        cold.extra("gateway-pool"),
+    ]
+
+
+async def _measure_phases(
+    plan: Plan, stack: Stack, extra_relays: list[str]
+) -> tuple[list[str], list[Verdict]]:
+    lines: list[str] = []
+    verdicts: list[Verdict] = []
+    if plan.events_per_turn:
+        by_name = {t.name: t for t in stack.targets()}
+        targets = [by_name["relay"], *(stack.extra(n) for n in extra_relays), by_name["gateway"]]
+        rows = await phases.measure_shapes(plan, stack, targets)
+        lines += ["", *phases.shape_lines(plan, rows, [t.name for t in targets])]
+        verdicts += phases.shape_verdicts(rows)
+    if plan.workers > 1:
+        name = _workers_name(plan)
+        workers = await phases.measure_workers(plan, stack, name)
+        lines += ["", *phases.workers_lines(workers, name)]
+        verdicts += phases.workers_verdicts(workers, name)
+    if plan.sse:
+        sse = await phases.measure_sse(plan, stack)
+        lines += ["", *phases.sse_lines(plan, sse)]
+        verdicts += phases.sse_verdicts(sse)
+    return lines, verdicts
 
 
 async def _measure_rss(plan: Plan, stack: Stack, figures: dict[str, Figures]) -> None:
@@ -273,10 +324,16 @@ async def _measure_first_turns(plan: Plan, stack: Stack, figures: dict[str, Figu
         figures[name].first_turn_p99 = percentile(values, 99)
 
 
-def _print_report(plan: Plan, figures: dict[str, Figures], others: float) -> None:
+def _print_report(
+    plan: Plan,
+    figures: dict[str, Figures],
+    others: float,
+    phase_lines: list[str],
+    phase_verdicts: list[Verdict],
+) -> None:
     paced = f"{plan.sockets} paced streams"
     first = f"{plan.handshake_delay_ms:g} ms upstream handshake"
-    lines = ["", *report.table(figures, report.compare_rows(paced, first)), ""]
+    lines = ["", *report.table(figures, report.compare_rows(paced, first)), *phase_lines, ""]
     lines.append(
         f"the rest of the host kept {others:.2f} of {os.cpu_count()} cores busy while the "
         "rounds ran (Redis and Postgres included; other work on the host makes figures noisy)"
@@ -284,6 +341,7 @@ def _print_report(plan: Plan, figures: dict[str, Figures], others: float) -> Non
     lines.append("")
     lines.append("targets (a measurement, not a test: the exit status is 0 either way)")
     lines += [v.line for v in report.targets(figures, paced, plan.handshake_delay_ms)]
+    lines += [v.line for v in phase_verdicts]
     for name, fig in figures.items():
         if fig.first_error:
             lines.append(f"first error event from {name}: {fig.first_error}")
@@ -308,6 +366,18 @@ async def _profile(plan: Plan, stack: Stack, options: CompareOptions) -> None:
             await _handshakes(plan, stack, target)
         elif kind == "paced":
             await _load(plan, stack, target, plan.paced, plan.sockets, plan.turns)
+        elif kind == "turns":  # one-event turns: the fixed cost of a turn
+            shape = Shape.of_events(plan.model, 1)
+            turns = plan.shape_turns(1)
+            await _load(plan, stack, target, shape, plan.saturate_sockets, turns)
+        elif kind == "sse":  # POST /v1/responses with stream: true, saturated
+            http_target = next(t for t in stack.http_targets() if t.name == "gateway")
+            await phases.sse_load(plan, stack, http_target)
+        elif kind == "burst":  # new sockets at once, each with its first turn
+            await _quiet(stack)
+            await burst_first_turns(
+                target, plan.small, count=plan.burst or 200, timeout=plan.timeout
+            )
         else:
             await _load(
                 plan, stack, target, plan.saturated, plan.saturate_sockets, plan.saturate_turns

@@ -52,21 +52,42 @@ class Target:
 
 @dataclass(frozen=True)
 class Shape:
-    """One turn: `deltas` text deltas, paced `gap_ms` apart by the simulator."""
+    """One turn: `deltas` text deltas, paced `gap_ms` apart by the simulator; or, with
+    `terminal_only`, the terminal event alone (a one-event turn: the fixed cost of a turn)."""
 
     model: str
     deltas: int
     gap_ms: float
+    terminal_only: bool = False
+
+    @classmethod
+    def of_events(cls, model: str, events: int) -> Shape:
+        """The unpaced turn of `events` events: 1, or 9 and more (8 + the deltas)."""
+        if events == 1:
+            return cls(model, 1, 0, terminal_only=True)
+        if events < 9:
+            raise ValueError(f"a turn has 1 event or 9 and more, not {events}")
+        return cls(model, events - 8, 0)
+
+    def metadata(self) -> dict[str, str]:
+        metadata = {"sim_deltas": str(self.deltas), "sim_delay_ms": f"{self.gap_ms:g}"}
+        if self.terminal_only:
+            metadata["sim_terminal_only"] = "true"
+        return metadata
 
     def frame(self) -> str:
-        metadata = {"sim_deltas": str(self.deltas), "sim_delay_ms": f"{self.gap_ms:g}"}
         body = {
             "type": "response.create",
             "model": self.model,
             "input": "bench",
-            "metadata": metadata,
+            "metadata": self.metadata(),
         }
         return orjson.dumps(body).decode()
+
+    def http_body(self) -> bytes:
+        """The same turn as a `POST /v1/responses` with `stream: true` (SSE)."""
+        body = {"model": self.model, "input": "bench", "stream": True, "metadata": self.metadata()}
+        return orjson.dumps(body)
 
     @property
     def seconds(self) -> float:
@@ -76,7 +97,7 @@ class Shape:
     @property
     def events(self) -> int:
         """Events of one text turn: created, in_progress, 2 added, the deltas, 3 done, completed."""
-        return self.deltas + 8
+        return 1 if self.terminal_only else self.deltas + 8
 
 
 class Recorder:
@@ -247,7 +268,7 @@ async def _turns(
 
 
 def warmup_shape(shape: Shape) -> Shape:
-    return Shape(shape.model, deltas=1, gap_ms=0)
+    return Shape(shape.model, deltas=1, gap_ms=0, terminal_only=shape.terminal_only)
 
 
 @dataclass(frozen=True)
@@ -474,3 +495,102 @@ async def first_turns(
             samples.append(rec.ttfe[0])
             await asyncio.sleep(pause_s)
     return samples
+
+
+async def burst_first_turns(
+    target: Target, shape: Shape, *, count: int, timeout: float
+) -> array[float]:
+    """`count` new sockets at once, each sending its first turn as soon as it is open: seconds
+    from the start of each socket's handshake to the first event of its turn."""
+    frame = shape.frame()
+    samples = array("d")
+
+    async def one(http: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+        rec = Recorder()
+        started = time.time()
+        ws = await connect(http, target)
+        try:
+            await run_turn(ws, frame, rec, timeout=timeout, started=started)
+        except BaseException:
+            await ws.close()
+            raise
+        samples.append(rec.ttfe[0])
+        return ws
+
+    async with client_session() as http:
+        with collector_held_off():
+            results = await asyncio.gather(
+                *(one(http) for _ in range(count)), return_exceptions=True
+            )
+        opened = [r for r in results if isinstance(r, aiohttp.ClientWebSocketResponse)]
+        await close_all(opened)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise BenchError(
+            f"{target.name}: {len(failures)} of {count} burst sockets failed; first: {failures[0]}"
+        )
+    return samples
+
+
+# -- server-sent events (POST /v1/responses, stream: true) --------------------------------------
+
+
+async def _sse_request(
+    http: aiohttp.ClientSession, url: str, key: str, body: bytes, rec: Recorder | None
+) -> None:
+    """One streamed POST, its events counted as the blank lines that end them."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with http.post(url, data=body, headers=headers) as resp:
+        if resp.status != 200:
+            text = (await resp.read())[:300].decode(errors="replace")
+            raise BenchError(f"{url}: HTTP {resp.status}: {text}")
+        events = 0
+        tail = b""
+        async for chunk in resp.content.iter_any():
+            joined = tail[-1:] + chunk
+            events += joined.count(b"\n\n")
+            tail = chunk[-1:] if chunk else tail
+        if rec is not None:
+            rec.events += events
+            rec.turns += 1
+
+
+async def run_sse_load(
+    target: Target,
+    shape: Shape,
+    *,
+    clients: int,
+    requests: int,
+    timeout: float,
+    meter: CpuMeter,
+) -> LoadResult:
+    """`clients` HTTP clients (one keep-alive connection each), each making `requests` streamed
+    `POST /v1/responses` back to back; one untimed request each first."""
+    body, warm = shape.http_body(), warmup_shape(shape).http_body()
+    url, key = target.url, target.key
+
+    async def client(http: aiohttp.ClientSession, rec: Recorder | None, count: int) -> None:
+        for _ in range(count):
+            await _sse_request(http, url, key, body if rec is not None else warm, rec)
+
+    sessions = [
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout),
+        )
+        for _ in range(clients)
+    ]
+    try:
+        await _all(client(http, None, 1) for http in sessions)
+        rec = Recorder()
+        with collector_held_off():
+            meter.start()
+            began = time.perf_counter()
+            await _all(client(http, rec, requests) for http in sessions)
+            seconds = time.perf_counter() - began
+            cpu = meter.stop()
+    except aiohttp.ClientError as exc:
+        raise BenchError(f"{target.name}: {type(exc).__name__}: {exc}") from None
+    finally:
+        await asyncio.gather(*(http.close() for http in sessions))
+    return LoadResult(rec, seconds, cpu)

@@ -25,8 +25,54 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def children(pid: int) -> list[int]:
+    """The process's children (every thread's `children` file); none when it is gone."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def tree(pid: int) -> list[int]:
+    """The process and its descendants (`gateway serve --workers N`: the parent, the workers)."""
+    pids, at = [pid], 0
+    while at < len(pids):
+        pids += children(pids[at])
+        at += 1
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process and its live descendants."""
+    total = cpu_seconds(pid)
+    for child in tree(pid)[1:]:
+        try:
+            total += cpu_seconds(child)
+        except ProcError:
+            pass  # ended between the listing and the read
+    return total
+
+
 def rss_bytes(pid: int) -> int:
-    """Resident set size (`VmRSS` of `/proc/PID/status`)."""
+    """Resident set size of the process and its descendants (`VmRSS` of `/proc/PID/status`)."""
+    total = _rss(pid)
+    for child in tree(pid)[1:]:
+        try:
+            total += _rss(child)
+        except ProcError:
+            pass
+    return total
+
+
+def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
@@ -59,7 +105,7 @@ class HostLoad:
         ours = 0.0
         for pid in self.pids:
             try:
-                ours += cpu_seconds(pid)
+                ours += tree_cpu_seconds(pid)
             except ProcError:
                 pass
         return time.monotonic(), host_busy_seconds(), ours
@@ -81,7 +127,7 @@ class CpuMeter:
         self.used: dict[str, float] = {}
 
     def _sample(self) -> dict[str, float]:
-        sample = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        sample = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
         sample["client"] = cpu_seconds(os.getpid())
         return sample
 
@@ -102,9 +148,9 @@ async def wait_quiet(
     False when `limit` seconds pass first."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        before = [cpu_seconds(pid) for pid in pids]
+        before = [tree_cpu_seconds(pid) for pid in pids]
         await asyncio.sleep(window)
-        used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+        used = [tree_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
         if all(u < busy * window for u in used):
             return True
     return False

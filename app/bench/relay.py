@@ -34,6 +34,9 @@ class Relay:
 
 RELAY = web.AppKey("relay", Relay)
 
+# As the gateway's listen backlog (app/listener.py), not aiohttp's 128.
+LISTEN_BACKLOG = 4096
+
 # Anything a client could send the gateway fits; the relay sets no smaller limit than it.
 MAX_MSG_BYTES = 256 * 1024 * 1024
 
@@ -124,7 +127,7 @@ async def run_relay(host: str, port: int, upstream_url: str) -> None:
     runner = web.AppRunner(create_relay_app(upstream_url), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         eventloop.freeze_startup()  # as the gateway does

@@ -126,22 +126,23 @@ class Verdict:
     line: str
 
 
-def _verdict(passed: bool | None, text: str) -> Verdict:
+def verdict(passed: bool | None, text: str) -> Verdict:
     mark = {True: "PASS", False: "FAIL", None: "N/A "}[passed]
     return Verdict(passed, f"{mark}  {text}")
 
 
 def targets(f: dict[str, Figures], paced: str, handshake_ms: float) -> list[Verdict]:
-    """The six speed targets, each as a PASS/FAIL line."""
+    """The speed targets of the rounds, each as a PASS/FAIL line (the other phases' targets:
+    app/bench/phases.py)."""
     gw, relay, direct = f["gateway"], f["relay"], f["direct"]
     out: list[Verdict] = []
 
     def check(value: float | None, ok: Callable[[float], bool], text: str) -> None:
         if value is None:
             name = text.partition(",")[0].partition(" = ")[0]
-            out.append(_verdict(None, f"{name}: not measured (a phase skipped, or too small)"))
+            out.append(verdict(None, f"{name}: not measured (a phase skipped, or too small)"))
         else:
-            out.append(_verdict(ok(value), text.format(value)))
+            out.append(verdict(ok(value), text.format(value)))
 
     check(
         ratio(gw.events_per_s, relay.events_per_s),
@@ -155,18 +156,18 @@ def targets(f: dict[str, Figures], paced: str, handshake_ms: float) -> list[Verd
     )
     check(
         ratio(gw.latency_p99, relay.latency_p99),
-        lambda v: v <= 1.5,
-        f"per-event added latency p99 at {paced}, gateway/relay = {{:.2f}} (target <= 1.5)",
+        lambda v: v <= 1.3,
+        f"per-event added latency p99 at {paced}, gateway/relay = {{:.2f}} (target <= 1.3)",
     )
     check(
         None if gw.rss_per_socket is None else gw.rss_per_socket / KIB,
-        lambda v: v <= 48,
-        "RSS per idle session through the gateway = {:.1f} KB (target <= 48 KB)",
+        lambda v: v <= 36,
+        "RSS per idle session through the gateway = {:.1f} KB (target <= 36 KB)",
     )
     check(
-        gw.handshakes_per_s,
-        lambda v: v >= 1000,
-        "authenticated handshakes per second on one worker = {:,.0f} (target >= 1,000)",
+        ratio(gw.handshakes_per_s, relay.handshakes_per_s),
+        lambda v: v >= 1,
+        "authenticated handshakes per second on one worker, gateway/relay = {:.2f} (target >= 1)",
     )
     first = ratio(gw.first_turn_p50, direct.first_turn_p50)
     check(

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -40,6 +40,7 @@ _STOP_TIMEOUT = 10.0
 _SIM_READY = re.compile(r"simulator listening on http://([^/\s]+)/v1")
 _RELAY_READY = re.compile(r"relay listening on (ws://\S+)")
 _GATEWAY_READY = re.compile(r"gateway listening on http://(\S+)")
+_HTTP_RELAY_READY = re.compile(r"http relay listening on (http://\S+)")
 
 
 @dataclass
@@ -291,10 +292,40 @@ class Stack:
     gateway: Child
     key: str
     loop: str = "auto"  # GATEWAY_EVENT_LOOP of the relay and the gateway
+    # More processes in front of the same simulator, by name (`add_relay`, `add_gateway`, …).
+    extras: dict[str, Child] = field(default_factory=dict)
 
     @property
     def sim_ws_url(self) -> str:
         return f"ws://{self.sim.address}/v1/responses"
+
+    @property
+    def pids(self) -> list[int]:
+        return [
+            self.sim.pid,
+            self.relay.pid,
+            self.gateway.pid,
+            *(c.pid for c in self.extras.values()),
+        ]
+
+    def extra(self, name: str) -> Target:
+        """A target of the extras: a WebSocket relay or gateway, or an HTTP one (`http-…`)."""
+        child = self.extras[name]
+        if name.startswith("http-relay"):
+            return Target(name, f"{child.address}/responses", UPSTREAM_KEY, child.pid)
+        if name.startswith("relay"):
+            return Target(name, child.address, UPSTREAM_KEY, child.pid)
+        return Target(name, f"ws://{child.address}/v1/responses", self.key, child.pid)
+
+    def http_targets(self) -> list[Target]:
+        """`POST /v1/responses`: the simulator, the bare HTTP relay, the gateway."""
+        return [
+            Target("direct", f"http://{self.sim.address}/v1/responses", UPSTREAM_KEY, self.sim.pid),
+            self.extra("http-relay"),
+            Target(
+                "gateway", f"http://{self.gateway.address}/v1/responses", self.key, self.gateway.pid
+            ),
+        ]
 
     def targets(self) -> list[Target]:
         gateway_url = f"ws://{self.gateway.address}/v1/responses"
@@ -401,3 +432,41 @@ async def start_stack(bed: Bed, tag: str, *, handshake_delay_ms: float = 0) -> S
     relay, gateway = started
     assert isinstance(relay, Child) and isinstance(gateway, Child)
     return Stack(sim, relay, gateway, bed.key, loop)
+
+
+async def _extra(bed: Bed, stack: Stack, name: str, child: Awaitable[Child]) -> Child:
+    started = await child
+    bed.exits.push_async_callback(started.stop)
+    stack.extras[name] = started
+    return started
+
+
+async def add_relay(bed: Bed, stack: Stack, name: str, loop: str) -> Child:
+    """Another bare WebSocket relay in front of the stack's simulator, on `loop`."""
+    argv = _python("-m", "app.bench.relay", "--port", "0", "--upstream", stack.sim_ws_url)
+    argv += ["--loop", loop]
+    env = dict(os.environ)
+    spawned = spawn(name, argv, env=env, workdir=bed.workdir, ready=_RELAY_READY)
+    return await _extra(bed, stack, name, spawned)
+
+
+async def add_http_relay(bed: Bed, stack: Stack) -> Child:
+    """The bare aiohttp HTTP relay (app/bench/httprelay.py), as `http-relay`."""
+    argv = _python("-m", "app.bench.httprelay", "--port", "0")
+    argv += ["--upstream", f"http://{stack.sim.address}/v1", "--loop", stack.loop]
+    env = dict(os.environ)
+    spawned = spawn("http-relay", argv, env=env, workdir=bed.workdir, ready=_HTTP_RELAY_READY)
+    return await _extra(bed, stack, "http-relay", spawned)
+
+
+async def add_gateway(
+    bed: Bed, stack: Stack, name: str, *, env: dict[str, str] | None = None, workers: int = 1
+) -> Child:
+    """Another gateway in front of the stack's simulator (its own node id, the same tenant)."""
+    gateway_env = _gateway_env(bed, f"http://{stack.sim.address}/v1", name)
+    gateway_env.update(env or {})
+    argv = _python("-m", "app", "serve")
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    spawned = spawn(name, argv, env=gateway_env, workdir=bed.workdir, ready=_GATEWAY_READY)
+    return await _extra(bed, stack, name, spawned)

@@ -1,8 +1,10 @@
 """The four kinds of ledger row, and their journal encoding.
 
-Rows are plain frozen dataclasses: the session builds one per event on the hot path, so they do no
-validation of their own (Postgres' CHECK constraints and column types do, in the writer, off the hot
-path; a row they refuse goes to the spill dir's `rejected.jsonl` rather than blocking the queue).
+Rows are plain dataclasses, not frozen: the session builds one per event on the hot path (a
+frozen one's `__init__` sets each field through `object.__setattr__`: 2.7 us for a turn's 23
+fields against 0.85 us), and nothing changes a row once recorded. They do no validation of their
+own (Postgres' CHECK constraints and column types do, in the writer, off the hot path; a row they
+refuse goes to the spill dir's `rejected.jsonl` rather than blocking the queue).
 
 Every row carries `row_id`, a UUID made when the row is built: it is the idempotency key that
 lets the writer replay a batch (after a timeout, a crash or a journal replay) without writing
@@ -30,7 +32,7 @@ def _new_row_id() -> uuid.UUID:
     return ids.uuid4()
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(slots=True, kw_only=True)
 class SocketOpened:
     """A client WebSocket accepted by this node."""
 
@@ -44,7 +46,7 @@ class SocketOpened:
     row_id: uuid.UUID = dataclasses.field(default_factory=_new_row_id)
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(slots=True, kw_only=True)
 class SocketClosed:
     """The end of a client WebSocket; fills in the socket row `SocketOpened` made."""
 
@@ -63,7 +65,7 @@ class SocketClosed:
     row_id: uuid.UUID = dataclasses.field(default_factory=_new_row_id)
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(slots=True, kw_only=True)
 class TurnRecord:
     """One `response.create` (accepted or refused), `POST /v1/responses` or compaction."""
 
@@ -93,7 +95,7 @@ class TurnRecord:
     row_id: uuid.UUID = dataclasses.field(default_factory=_new_row_id)
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(slots=True, kw_only=True)
 class AdminAction:
     """One admin write, from the API or the shell."""
 

@@ -122,7 +122,9 @@ async def _stream(
         await sse.write(b"event: %s\ndata: %s\n\n" % (event["type"].encode(), orjson.dumps(event)))
 
     if knobs.fault not in _CUTTING_FAULTS:
-        await play(turn.events, send, delay_s=knobs.delay_s)
+        await play(
+            turn.events[-1:] if knobs.terminal_only else turn.events, send, delay_s=knobs.delay_s
+        )
         _remember(state, turn, req)
     else:
         cut = cut_point(turn.events, knobs.fault_after)

@@ -11,6 +11,7 @@ from app.simulator.options import SimulatorOptions
 
 MAX_DELTAS = 1_000_000
 MAX_LARGE_BYTES = 512 * 1024 * 1024
+_BOOL = ("true", "false")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class TurnKnobs:
     fault_after: int
     delay_s: float
     shaping: Shaping
+    terminal_only: bool = False  # `sim_terminal_only`: the response's last event alone
 
 
 def turn_knobs(
@@ -45,6 +47,7 @@ def turn_knobs(
     delay_ms = _number(metadata, "sim_delay_ms", 0, 3_600_000, integer=False)
     after = _number(metadata, "sim_fault_after", 0, MAX_DELTAS)
     large = _number(metadata, "sim_large_bytes", 0, MAX_LARGE_BYTES)
+    terminal_only = _checked("sim_terminal_only", metadata.get("sim_terminal_only", "false"), _BOOL)
     large_bytes = None
     if fault == faults.LARGE:
         large_bytes = options.large_bytes if large is None else int(large)
@@ -57,6 +60,7 @@ def turn_knobs(
             large_bytes=large_bytes,
             incomplete=fault == faults.INCOMPLETE,
         ),
+        terminal_only=terminal_only == "true",
     )
 
 

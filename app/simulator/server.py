@@ -16,6 +16,10 @@ from app.simulator.options import SimulatorOptions
 from app.simulator.state import STATE, SimState
 from app.simulator.ws import handle_websocket
 
+# As the gateway's (app/listener.py): aiohttp's 128 dropped the SYNs of a burst of 200 new
+# sockets past it, and the clients' kernels retried them a second later.
+LISTEN_BACKLOG = 4096
+
 
 def create_simulator_app(options: SimulatorOptions) -> web.Application:
     app = web.Application(
@@ -35,7 +39,7 @@ async def run_simulator(host: str, port: int, options: SimulatorOptions) -> None
     runner = web.AppRunner(create_simulator_app(options), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -229,6 +229,8 @@ class UpstreamSocket:
         return True
 
     async def _play_events(self, events: list[Json], knobs: TurnKnobs) -> None:
+        if knobs.terminal_only:
+            events = events[-1:]
         await play(events, self._send, delay_s=knobs.delay_s)
 
     async def _send(self, event: Json) -> None:
