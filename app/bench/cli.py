@@ -12,6 +12,7 @@ from typing import TypeVar
 from app import eventloop
 from app.bench.load import BenchError
 from app.bench.plan import Plan
+from app.bench.stack import TEAM_LIMITS
 
 DEFAULT_MODEL = "openai/gpt-5-mini"
 N = TypeVar("N", int, float)
@@ -200,10 +201,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "GATEWAY_UPSTREAM_POOL_SIZE=2, for the first-turn figure)",
     )
     cmp.add_argument(
+        "--team-limits",
+        choices=TEAM_LIMITS,
+        default="all",
+        help="the bench team's limits, set too high to bite: all (socket caps, responses and "
+        "tokens per minute, spend budgets; default), rate (socket caps and responses per "
+        "minute), none",
+    )
+    cmp.add_argument(
         "--no-team-limits",
         dest="team_limits",
-        action="store_false",
-        help="bench team without socket caps and rate limit (their checks then cost nothing)",
+        action="store_const",
+        const="none",
+        help="the same as --team-limits none",
     )
     cmp.add_argument(
         "--profile",

@@ -48,7 +48,7 @@ from app.bench.stack import Bed, Stack, add_gateway, add_http_relay, add_relay, 
 @dataclass(frozen=True)
 class CompareOptions:
     gateway_env: dict[str, str] = field(default_factory=dict)
-    team_limits: bool = True
+    team_limits: str = "all"  # TEAM_LIMITS
     profile: Path | None = None
     profile_target: str = "gateway"
     profile_load: str = "saturated"

@@ -242,20 +242,32 @@ async def _database(stack: AsyncExitStack, workdir: Path, notes: list[str]) -> s
     return configured
 
 
-async def _tenant(backing: Backing, model: str, limits: bool) -> str:
-    """The bench team (all openai/* models, generous limits), a price for `model`, a new key."""
+TEAM_LIMITS = ("all", "rate", "none")
+
+
+async def _tenant(backing: Backing, model: str, limits: str) -> str:
+    """The bench team (all openai/* models, generous limits), a price for `model`, a new key.
+
+    `limits`: `all` (socket caps, responses and tokens per minute, spend budgets), `rate` (socket
+    caps and responses per minute only), `none`; high enough never to refuse, so their checks
+    run but never bite."""
     store = KeyStore.from_settings(backing.redis)
     try:
         caps = Limits()
-        if limits:  # high enough never to refuse, so the limit checks run but never bite
+        if limits in ("all", "rate"):
             caps = Limits(
                 sockets_per_key=1_000_000,
                 sockets_per_team=1_000_000,
                 responses_per_minute_per_key=100_000_000,
-                tokens_per_minute_per_key=1_000_000_000_000,
-                usd_per_day_per_key=1_000_000.0,
-                usd_per_day_per_team=1_000_000.0,
-                usd_per_month_per_team=10_000_000.0,
+            )
+        if limits == "all":
+            caps = caps.model_copy(
+                update={
+                    "tokens_per_minute_per_key": 1_000_000_000_000,
+                    "usd_per_day_per_key": 1_000_000.0,
+                    "usd_per_day_per_team": 1_000_000.0,
+                    "usd_per_month_per_team": 10_000_000.0,
+                }
             )
         team = Team(id=BENCH_TEAM, name="gateway bench", allowed_models=["openai/*"], limits=caps)
         await store.put_team(team)
@@ -357,7 +369,7 @@ def _workdir(keep: Path | None) -> Path:
 
 @asynccontextmanager
 async def bed(
-    model: str, *, limits: bool, gateway_env: dict[str, str], keep: Path | None = None
+    model: str, *, limits: str, gateway_env: dict[str, str], keep: Path | None = None
 ) -> AsyncIterator[Bed]:
     """Backing services and a tenant for the run; all removed afterwards."""
     async with AsyncExitStack() as exits:
