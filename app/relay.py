@@ -208,18 +208,23 @@ async def _relay_sse(
     final: dict[str, Any] | None = None
     status: str | None = None
     try:
-        async for event in upstream.events():
+        # A chunk's events go out in one write (one send and one chunked-encoding frame for
+        # several events, as they came), not one each.
+        async for batch in upstream.event_batches():
             if turn.first_byte is None:
                 turn.first_byte = time.perf_counter()
                 metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)
-            name = None if event.event == "message" else event.event
+            out = []
+            for event in batch:
+                name = None if event.event == "message" else event.event
+                out.append(sse.encode(event.data, name))
+                if name is None or name in TERMINAL or name == "error":
+                    status, final = _terminal(event.data, status, final)
             try:
-                await resp.write(sse.encode(event.data, name))
+                await resp.write(out[0] if len(out) == 1 else b"".join(out))
             except (ConnectionError, RuntimeError):
                 status = "cancelled"  # the client left
                 break
-            if name is None or name in TERMINAL or name == "error":
-                status, final = _terminal(event.data, status, final)
         else:
             await resp.write_eof()
     except (UpstreamUnreachable, aiohttp.ClientError):

@@ -222,7 +222,7 @@ class Session:
             return
         if self.state is not State.IDLE:  # closed while waiting on the rate limit
             return
-        self._accept(frame)
+        await self._accept(frame)
 
     async def refuse(
         self, err: GatewayError, stream_id: Any = None, model: str | None = None
@@ -266,7 +266,7 @@ class Session:
 
     # -- turns ----------------------------------------------------------------------------------
 
-    def _accept(self, frame: ClientFrame) -> None:
+    async def _accept(self, frame: ClientFrame) -> None:
         upstream = self.upstream
         assert upstream is not None  # dropped by `_finish` alone, after the last turn
         self.model = frame.model
@@ -274,7 +274,12 @@ class Session:
         turn = Turn(frame)
         self.turn = turn
         self._transition(State.IN_FLIGHT)
-        turn.task = asyncio.create_task(upstream.serve(turn), name=f"turn-{self.id}")
+        if upstream.connected:
+            # Only a send: awaited here, not a task a turn (creating and stepping one cost more
+            # than the send). Frames the client sends meanwhile wait in the socket's buffer.
+            await upstream.serve(turn)
+        else:  # a handshake first: the reader goes on (check 6 answers meanwhile)
+            turn.task = asyncio.create_task(upstream.serve(turn), name=f"turn-{self.id}")
 
     async def end_turn(
         self,

@@ -141,6 +141,17 @@ class UpstreamLink:
         except (ConnectionError, RuntimeError, aiohttp.ClientError):
             pass  # the upstream reader sees the close and ends the turn
 
+    @property
+    def connected(self) -> bool:
+        """The next turn goes out on the socket there is: `serve` then only sends (no
+        handshake), so the session may await it instead of running it as a task."""
+        conn = self.conn
+        return (
+            conn is not None
+            and conn.usable
+            and conn.age < self.node.settings.upstream_max_age_seconds
+        )
+
     async def _ensure(self) -> UpstreamConn:
         conn = self.conn
         settings = self.node.settings

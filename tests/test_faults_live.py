@@ -202,6 +202,35 @@ async def test_a_hung_redis_does_not_stall_live_turns(
     assert took < 2.5, f"a turn took {took:.1f} s while Redis hung"
 
 
+async def test_a_hung_redis_does_not_stall_live_turns_with_spend_limits(
+    redis_gateway: Gateway,
+    own_redis: RedisServer,
+    limited: Tenant,
+    live_socket: aiohttp.ClientWebSocketResponse,
+) -> None:
+    """Check 8's spend script has the rate limit's deadline: the turn fails open after it."""
+    budget = Limits(
+        responses_per_minute_per_key=1000, tokens_per_minute_per_key=10**9, usd_per_day_per_team=9
+    )
+    await limited.store.put_team(limited.team.model_copy(update={"limits": budget}))
+
+    def seen() -> bool:
+        team = redis_gateway.node.view.view.teams.get(limited.team.id)
+        return team is not None and team.limits == budget
+
+    await eventually(seen)
+    await assert_usable(live_socket, "before")  # the counters exist (rebuilt) from here on
+    own_redis.freeze()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await assert_usable(live_socket, "frozen")
+        took = loop.time() - started
+    finally:
+        own_redis.thaw()
+    assert took < 2.5, f"a turn took {took:.1f} s while Redis hung"
+
+
 async def test_a_hung_redis_gets_handshakes_and_readyz_a_503_within_a_second_or_so(
     redis_gateway: Gateway,
     own_redis: RedisServer,
