@@ -8,7 +8,7 @@ import orjson
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app import metrics
+from app import logs, metrics
 from app.clientlink import CLOSE_HANDSHAKE_SECONDS
 from app.errors import Code, GatewayError
 from app.http import error_response
@@ -76,9 +76,10 @@ async def _serve_socket(node: Node, request: web.Request, session: Session) -> w
         node.add_session(session)
         metrics.ACCEPTED.inc()
         metrics.WS_CONNECTIONS_ACTIVE.inc()
-        log.info(
+        logs.info(
+            log,
             "socket open",
-            extra={"socket_id": socket_id, "key_prefix": principal.key_prefix},
+            {"socket_id": socket_id, "key_prefix": principal.key_prefix},
         )
         await session.run()
     finally:
@@ -88,9 +89,10 @@ async def _serve_socket(node: Node, request: web.Request, session: Session) -> w
             await node.store.release_socket(principal, socket_id)
         except GatewayError:
             pass  # the slot's lease lapses within a minute
-        log.info(
+        logs.info(
+            log,
             "socket closed",
-            extra={
+            {
                 "socket_id": socket_id,
                 "key_prefix": principal.key_prefix,
                 "close_code": session.close_code,

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import random
 import secrets
 import time
@@ -56,7 +57,14 @@ import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, WatchError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    WatchError,
+)
 
 from app import ids, metrics
 from app.auth.principal import Principal, hash_secret, new_secret
@@ -320,8 +328,10 @@ class _Batcher:
     parallel, and follows MOVED/ASK; every script here keeps its keys on one slot.
     """
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, *, cluster: bool = False, timeout: float = 1.0) -> None:
         self._redis = redis
+        self._cluster = cluster
+        self._timeout = timeout  # a whole batch's, on one server (`_execute`)
         self._queue: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending = False
@@ -415,13 +425,51 @@ class _Batcher:
         return str(await self._redis.script_load(script))
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script, args, _future in batch:
-                if script is None:
-                    pipe.execute_command(*args)
-                else:
-                    pipe.evalsha(script.sha, *args)
-            return list(await pipe.execute(raise_on_error=False))
+        """The batch's commands, written at once and their replies read in order: redis-py's
+        pipeline on a Cluster; on one server (or the primary Sentinels name) directly on a
+        pooled connection, which costs a command about a third of what the pipeline's
+        bookkeeping did (its response callbacks, a read timeout per reply). Replies are raw:
+        no command here needs a callback. The batch has one timeout; a connection that failed
+        is dropped and the batch sent once more on a new one (a restarted Redis, a primary
+        demoted by a failover, as redis-py's pipeline retries)."""
+        if self._cluster:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for script, args, _future in batch:
+                    if script is None:
+                        pipe.execute_command(*args)
+                    else:
+                        pipe.evalsha(script.sha, *args)
+                return list(await pipe.execute(raise_on_error=False))
+        commands = [
+            args if script is None else ("EVALSHA", script.sha, *args)
+            for script, args, _future in batch
+        ]
+        pool = self._redis.connection_pool
+        for attempt in (1, 2):
+            conn = await pool.get_connection()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await conn.send_packed_command(conn.pack_commands(commands))
+                    replies: list[Any] = []
+                    for _ in commands:
+                        try:
+                            replies.append(await conn.read_response(timeout=math.inf))
+                        except ResponseError as exc:
+                            replies.append(exc)
+                    return replies
+            except TimeoutError:  # an OSError too, but a hung Redis is not retried
+                await conn.disconnect()
+                raise
+            except (RedisConnectionError, OSError):
+                await conn.disconnect()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                await conn.disconnect()  # replies may be left unread: the connection is spent
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -498,7 +546,7 @@ class KeyStore:
         self._add_team = self.redis.register_script(_ADD_TEAM)
         self._judge_all = self.redis.register_script(_JUDGE_ALL)
         self._add_all = self.redis.register_script(_ADD_ALL)
-        self._batch = _Batcher(self.redis)
+        self._batch = _Batcher(self.redis, cluster=cluster, timeout=HANDSHAKE_DEADLINE_SECONDS)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
         self._infos: dict[str, bytes] = {}  # socket id -> its changed session record

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from app import ids, metrics
+from app import ids, logs, metrics
 from app.auth.principal import Principal
 from app.clientlink import ClientLink
 from app.errors import Code, GatewayError
@@ -323,9 +323,10 @@ class Session:
         tally = turn.tally
         tally.flush()
         ttfe = None if tally.first_event_at is None else tally.first_event_at - turn.started
-        log.info(
+        logs.info(
+            log,
             "response",
-            extra={
+            {
                 "socket_id": self.id,
                 "key_prefix": self.principal.key_prefix,
                 "model": model,

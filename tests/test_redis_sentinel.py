@@ -338,6 +338,56 @@ async def test_coordinated_failover_readonly_answers_become_503_then_service(
     await asyncio.to_thread(topology.wait_healthy)  # the old primary now in sync as a replica
 
 
+async def test_spend_survives_a_failover(
+    gateway: Gateway, node_b: Gateway, sentinel_topology: SentinelTopology
+) -> None:
+    """A day budget of 4.5 responses: two spent through node A, `SENTINEL FAILOVER`, then node B
+    serves until refused: five in all, as without the failover (the counters were replicated;
+    a coordinated failover waits for the replica to catch up)."""
+    import secrets
+    from decimal import Decimal
+
+    from test_spend import measured_cost, one_turn, set_limits, wait_for_limits, ws_of
+
+    tenant = await make_tenant(gateway.store, team_id=f"failover-{secrets.token_hex(4)}")
+    cost, _ = await measured_cost(gateway)
+    cap = float(cost * Decimal("4.5"))
+    await set_limits(tenant, usd_per_day_per_team=cap)
+    for gw in (gateway, node_b):
+        await wait_for_limits(gw, tenant.team.id, usd_per_day_per_team=cap)
+    served = 0
+    async with aiohttp.ClientSession() as http:
+        ws = await ws_of(http, gateway, tenant.key)
+        for _ in range(2):
+            assert (await one_turn(ws))["type"] == "response.completed"
+            served += 1
+        await ws.close()
+        await gateway.node.spend.flush()
+        old = sentinel_topology.master_port()
+        assert old is not None
+        await asyncio.to_thread(
+            redis_command,
+            "127.0.0.1",
+            sentinel_topology.sentinels[0].port,
+            "SENTINEL",
+            "FAILOVER",
+            "mymaster",
+        )
+        await wait_promotion(sentinel_topology, old)
+        await admin_until_served(node_b, "GET", "/teams")
+        ws = await ws_of(http, node_b, tenant.key)
+        for _ in range(6):
+            event = await one_turn(ws)
+            if event["type"] == "error":
+                assert event["error"]["code"] == "insufficient_quota", event
+                break
+            served += 1
+        await ws.close()
+    print(f"\nresponses before the refusal across a failover: {served} (cap 4.5 responses)")
+    assert served == 5
+    await asyncio.to_thread(sentinel_topology.wait_healthy)
+
+
 STREAMS = 100
 # About six seconds a response: the kill and the promotion happen mid-stream.
 STREAM = {"sim_deltas": "60", "sim_delay_ms": "100"}
@@ -420,53 +470,3 @@ async def test_primary_killed_under_load(
             status, code, _ = await status_of(http, node_b, capped.key)
         assert (status, code) == (429, "too_many_connections")
     no_tracebacks(caplog)
-
-
-async def test_spend_survives_a_failover(
-    gateway: Gateway, node_b: Gateway, sentinel_topology: SentinelTopology
-) -> None:
-    """A day budget of 4.5 responses: two spent through node A, `SENTINEL FAILOVER`, then node B
-    serves until refused: five in all, as without the failover (the counters were replicated;
-    a coordinated failover waits for the replica to catch up)."""
-    import secrets
-    from decimal import Decimal
-
-    from test_spend import measured_cost, one_turn, set_limits, wait_for_limits, ws_of
-
-    tenant = await make_tenant(gateway.store, team_id=f"failover-{secrets.token_hex(4)}")
-    cost, _ = await measured_cost(gateway)
-    cap = float(cost * Decimal("4.5"))
-    await set_limits(tenant, usd_per_day_per_team=cap)
-    for gw in (gateway, node_b):
-        await wait_for_limits(gw, tenant.team.id, usd_per_day_per_team=cap)
-    served = 0
-    async with aiohttp.ClientSession() as http:
-        ws = await ws_of(http, gateway, tenant.key)
-        for _ in range(2):
-            assert (await one_turn(ws))["type"] == "response.completed"
-            served += 1
-        await ws.close()
-        await gateway.node.spend.flush()
-        old = sentinel_topology.master_port()
-        assert old is not None
-        await asyncio.to_thread(
-            redis_command,
-            "127.0.0.1",
-            sentinel_topology.sentinels[0].port,
-            "SENTINEL",
-            "FAILOVER",
-            "mymaster",
-        )
-        await wait_promotion(sentinel_topology, old)
-        await admin_until_served(node_b, "GET", "/teams")
-        ws = await ws_of(http, node_b, tenant.key)
-        for _ in range(6):
-            event = await one_turn(ws)
-            if event["type"] == "error":
-                assert event["error"]["code"] == "insufficient_quota", event
-                break
-            served += 1
-        await ws.close()
-    print(f"\nresponses before the refusal across a failover: {served} (cap 4.5 responses)")
-    assert served == 5
-    await asyncio.to_thread(sentinel_topology.wait_healthy)
