@@ -282,6 +282,20 @@ async def test_redis_connection_sends_through_pack_command() -> None:
     )
 
 
+def test_redis_read_response_takes_an_infinite_timeout_as_none() -> None:
+    """app/keystore.py `_Batcher._execute` reads each reply with `timeout=math.inf` (no read
+    timeout of its own; the batch has one): redis-py 8.2 documents `math.inf` as "block with no
+    timeout". A series where `None` means that instead (its docstring announces the change)
+    would read replies under the socket's timeout again, or fail."""
+    import inspect
+
+    source = inspect.getsource(Connection.read_response)
+    assert "timeout == math.inf" in source, (
+        "redis-py: Connection.read_response no longer treats timeout=math.inf as no timeout "
+        "(app/keystore.py _Batcher._execute)"
+    )
+
+
 def test_hiredis_packs_a_command_tuple() -> None:
     packed = hiredis.pack_command(("SET", b"k\xff", -7))  # type: ignore[arg-type]  # its stub's tuple is too narrow
     assert packed == b"*3\r\n$3\r\nSET\r\n$2\r\nk\xff\r\n$2\r\n-7\r\n", (
