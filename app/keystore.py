@@ -34,8 +34,9 @@ the store-wide singletons in `{g}`; what one command touches alone needs none.
 
 Races: a socket's key slot and team slot are each checked and taken by a script on its own slot,
 sent together, and a refusal of either gives both back (`acquire_socket`); rate-limit windows
-are one script on the key's slot (with token or spend limits, `_JUDGE_KEY`, and a read of the
-team's two counters on the team's slot, sent in the same batch); admin writes that read a
+are one script on the key's slot (with token or spend limits `_JUDGE_ALL`, on one server with
+the team's counters too; on a Cluster with a read of them on the team's slot beside it); admin
+writes that read a
 record first run under WATCH and MULTI/EXEC on that record's slot, then finish on `{g}`
 (`_transaction`). Redis errors become `GatewayError(service_unavailable)` here.
 """
@@ -155,56 +156,18 @@ end
 redis.call('PEXPIRE', KEYS[1], 61000)
 return {1, got}
 """
-# Check 8 with token or spend limits (app/spend.py), on the key's slot: the response window, the
-# token window, the key's spend today, in the contract's order, and the turn counted in the
-# response window only when all three pass. KEYS: response window, token window, key-day spend.
-# ARGV: now_ms, responses limit, member, tokens limit, day cap (nano-USD; 0 = none).
-# Returns {0 accepted | 1 responses | 2 tokens | 3 spend | 4 spend counter missing, figure}:
-# the tokens of the last minute for 2, the spend for 0 and 3.
-# Tokens are counted per second (`HINCRBY window <second> <tokens>`): a 60 s window of at most
-# 60 fields.
-_JUDGE_KEY = """
-local now = tonumber(ARGV[1])
-local rpm = tonumber(ARGV[2])
-local tpm = tonumber(ARGV[4])
-local cap = tonumber(ARGV[5])
-if rpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
-  if redis.call('ZCARD', KEYS[1]) >= rpm then return {1, 0} end
-end
-if tpm > 0 then
-  local used = 0
-  local oldest = math.floor(now / 1000) - 59
-  local fields = redis.call('HGETALL', KEYS[2])
-  for i = 1, #fields, 2 do
-    if tonumber(fields[i]) < oldest then
-      redis.call('HDEL', KEYS[2], fields[i])
-    else
-      used = used + tonumber(fields[i + 1])
-    end
-  end
-  if used >= tpm then return {2, used} end
-end
-local spent = 0
-if cap > 0 then
-  local value = redis.call('GET', KEYS[3])
-  if not value then return {4, 0} end
-  spent = tonumber(value)
-  if spent >= cap then return {3, spent} end
-end
-if rpm > 0 then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], 61000)
-end
-return {0, spent}
-"""
-# The same check, and the team's spend, in one script where every key is on one server (not a
-# Cluster, whose hash slots keep a key's and a team's names apart): one command a turn instead
-# of two, and no turn to take back when the team's spend refuses it. KEYS: response window,
-# token window, key-day, team-day, team-month spend. ARGV: as _JUDGE_KEY, then the team's day
-# and month caps (0 = none). Returns {code, figure, team day, team month}: codes as _JUDGE_KEY,
-# and 5 (a team counter missing) and 6 (the team's spend at or over a cap); a team figure is -1
-# when not asked for, -2 when its counter is missing.
+# Check 8 with token or spend limits (app/spend.py): the response window, the token window,
+# the key's spend today and the team's today and this month, in the contract's order; the turn
+# counted in the response window only when all pass. KEYS: response window, token window,
+# key-day spend, then team-day and team-month spend where every key is on one server (on a
+# Cluster, whose hash slots keep a key's and a team's names apart, the script gets the key's
+# three only, the team caps are 0, and the team's counters are read beside it). ARGV: now_ms,
+# responses limit, member, tokens limit, key-day cap, team-day cap, team-month cap (nano-USD;
+# 0 = none). Returns {code, figure, team day, team month}: code 0 accepted, 1 responses, 2
+# tokens, 3 key's spend, 4 key's spend counter missing, 5 a team counter missing, 6 the team's
+# spend at or over a cap; figure: the tokens of the last minute (2) or the key's spend; a team
+# figure is -1 when not asked for, -2 when its counter is missing. Tokens are counted per second
+# (`HINCRBY window <second> <tokens>`): a 60 s window of at most 60 fields.
 _JUDGE_ALL = """
 local now = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
@@ -541,7 +504,6 @@ class KeyStore:
             _hiredis_packing(self.redis.connection_pool)
         self._take_slot = self.redis.register_script(_TAKE_SLOT)
         self._rate = self.redis.register_script(_RATE)
-        self._judge_key = self.redis.register_script(_JUDGE_KEY)
         self._add_key = self.redis.register_script(_ADD_KEY)
         self._add_team = self.redis.register_script(_ADD_TEAM)
         self._judge_all = self.redis.register_script(_JUDGE_ALL)
@@ -1147,11 +1109,13 @@ class KeyStore:
             return Judged(
                 code, figure, None if raw_day < 0 else raw_day, None if raw_month < 0 else raw_month
             )
-        calls: list[asyncio.Future[Any]] = [self._batch.call(self._judge_key, key_names, args)]
+        calls: list[asyncio.Future[Any]] = [
+            self._batch.call(self._judge_all, key_names, [*args, 0, 0])
+        ]
         if team:
             calls.append(self._batch.command("MGET", *team_names))
         results = await self._call(asyncio.gather(*calls), RATE_LIMIT_DEADLINE_SECONDS)
-        code, figure = (int(v) for v in results[0])
+        code, figure = (int(v) for v in results[0][:2])
         team_day = team_month = None
         if team:
             team_day, team_month = (None if v is None else int(v) for v in results[1])
