@@ -1173,6 +1173,10 @@ class KeyStore:
         raws = await self._call(self._mget(names))
         return [None if raw is None else int(raw) for raw in raws]
 
+    async def drop_counters(self, names: list[str]) -> None:
+        """Spend counters deleted, one command each (a Cluster's slots differ), batched."""
+        await self._call(asyncio.gather(*(self._batch.command("DEL", n) for n in names)))
+
     async def seed_counters(self, seeds: list[tuple[str, int, int]]) -> None:
         """Counters rebuilt from the ledger: (name, value, expiry in epoch ms), each set only if
         it is still missing (another node's rebuild, or an increment, may have come first)."""

@@ -49,6 +49,13 @@ class Limits(BaseModel):
             or self.usd_per_month_per_team
         )
 
+    @property
+    def usd_limited(self) -> bool:
+        """Whether any spend limit is set: only then are the team's spend counters kept."""
+        return bool(
+            self.usd_per_day_per_key or self.usd_per_day_per_team or self.usd_per_month_per_team
+        )
+
 
 class Team(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -100,7 +100,7 @@ class Node:
     async def _on_view_tick(self, changed: bool) -> None:
         if changed:
             self.pool.want(self.pooled_credentials())
-        self.spend.retire_gauges(self.view.view.teams)
+        self.spend.on_view(self.view.view.teams)
         for session, code in await self.auth.sweep(changed, self.sessions):
             if session.id not in self._expelling:
                 # One task each: a slow client must not hold up the others' expulsion.

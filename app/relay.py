@@ -80,7 +80,8 @@ class HttpTurn:
         )
         self.node.ledger.record(row)
         if accepted:
-            self.node.spend.count(row)  # the same cost, into the spend counters
+            team = self.node.view.view.teams.get(row.team_id)
+            self.node.spend.count(row, team.limits if team else None)
 
 
 def _str(value: object) -> str | None:

@@ -245,7 +245,8 @@ class Session:
         )
         self.node.ledger.record(row)
         if row.accepted:
-            self.node.spend.count(row)  # the same cost, into the spend counters
+            team = self.node.view.view.teams.get(row.team_id)
+            self.node.spend.count(row, team.limits if team else None)
 
     async def _send_error(self, err: GatewayError, stream_id: Any = None) -> None:
         await self.client.send(err.ws_frame(stream_id))

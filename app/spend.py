@@ -164,6 +164,8 @@ class SpendBook:
         self._warned: set[tuple[str, str]] = set()
         # gateway_budget_used_ratio children set here, with the end of the period they show.
         self._gauges: dict[tuple[str, str], datetime] = {}
+        self._limited: set[str] | None = None  # teams with a spend limit at the last view tick
+        self._forgetting: set[asyncio.Task[None]] = set()
 
     def _periods_at(self, moment: datetime) -> Periods:
         """`Periods.at`, computed once a day (a turn needs its day's, almost always today's)."""
@@ -271,9 +273,11 @@ class SpendBook:
                 refusal = quota_error(f"Team {team.id!r}", name, spent, cap, period, ends)
         return refusal
 
-    def retire_gauges(self, teams: Mapping[str, Team]) -> None:
-        """Zero the gauges of periods that have ended and drop those of limits that are gone
-        (the node's view ticks call it), so an alert does not fire on yesterday's spend."""
+    def on_view(self, teams: Mapping[str, Team]) -> None:
+        """The node's view ticked (4 times a second). Gauges of periods that have ended are
+        zeroed and those of limits that are gone dropped, so an alert does not fire on
+        yesterday's spend; a team that has gained a spend limit since the last tick has its
+        counters dropped, since nothing kept them while it had none."""
         now = datetime.now(UTC)
         for (team_id, name), ends in list(self._gauges.items()):
             team = teams.get(team_id)
@@ -283,6 +287,27 @@ class SpendBook:
             elif now >= ends:
                 metrics.budget_used(team_id, name).set(0)
                 del self._gauges[(team_id, name)]
+        limited = {team_id for team_id, team in teams.items() if team.limits.usd_limited}
+        if self._limited is not None:
+            for team_id in limited - self._limited:
+                task = asyncio.create_task(self._forget(team_id), name=f"spend-forget-{team_id}")
+                self._forgetting.add(task)
+                task.add_done_callback(self._forgetting.discard)
+        self._limited = limited
+
+    async def _forget(self, team_id: str) -> None:
+        periods = self._periods_at(datetime.now(UTC))
+        try:
+            keys = await self.store.list_keys(team_id)
+            await self.store.drop_counters(
+                [
+                    self.store.team_spend(team_id, periods.day),
+                    self.store.team_spend(team_id, periods.month),
+                    *(self.store.key_spend(k.id, periods.day) for k in keys),
+                ]
+            )
+        except GatewayError:
+            log.warning("spend: could not drop team %s's old counters (Redis away)", team_id)
 
     # -- rebuilds ---------------------------------------------------------------------------------
 
@@ -368,10 +393,22 @@ class SpendBook:
 
     # -- counting ---------------------------------------------------------------------------------
 
-    def count(self, turn: TurnRecord) -> None:
-        """A finished response's cost and tokens, on their way to the counters. Never blocks."""
-        tokens = (turn.input_tokens or 0) + (turn.output_tokens or 0)
-        cost = nano_usd(turn.cost_usd) if turn.cost_usd is not None else 0
+    def count(self, turn: TurnRecord, limits: Limits | None) -> None:
+        """A finished response's cost and tokens, on their way to the counters. Never blocks.
+
+        Only what a limit of the team reads is counted: tokens with a token limit, cost with a
+        spend limit (a team without limits costs Redis nothing here). A team that gains a spend
+        limit has its counters dropped (`on_view`), so they are rebuilt from the ledger rather
+        than read as they were when it last had one; a token limit set again counts from then
+        (its window is a minute)."""
+        if limits is None:
+            return
+        tokens = (
+            (turn.input_tokens or 0) + (turn.output_tokens or 0)
+            if limits.tokens_per_minute_per_key
+            else 0
+        )
+        cost = nano_usd(turn.cost_usd) if turn.cost_usd is not None and limits.usd_limited else 0
         if not tokens and not cost:
             return
         periods = self._periods_at(turn.received_at)
@@ -424,7 +461,9 @@ class SpendBook:
 
     async def report(self, team: Team, keys: Iterable[ApiKey]) -> dict[str, Any]:
         """`GET /admin/v1/teams/{id}/spend` (CONTRACT.md §5): the counters check 8 reads, rebuilt
-        from the ledger first where missing."""
+        from the ledger first where missing. A team without a spend limit has no counters kept
+        (`count`): its figures come from the ledger (and this node's unwritten rows), and no
+        counter is created for them."""
         periods = Periods.at(datetime.now(UTC))
         key_list = list(keys)
         names = [
@@ -432,12 +471,17 @@ class SpendBook:
             self.store.team_spend(team.id, periods.month),
             *(self.store.key_spend(k.id, periods.day) for k in key_list),
         ]
-        values = await self.store.read_counters(names)
-        if any(v is None for v in values):
-            missing = [n for n, v in zip(names, values, strict=True) if v is None]
+        if not team.limits.usd_limited:
             seeds = await self._ledger_figures(team.id, [k.id for k in key_list], periods)
-            await self.store.seed_counters([s for s in seeds if s[0] in missing])
+            found = {name: value for name, value, _expiry in seeds}
+            values: list[int | None] = [found.get(n, 0) for n in names]
+        else:
             values = await self.store.read_counters(names)
+            if any(v is None for v in values):
+                missing = [n for n, v in zip(names, values, strict=True) if v is None]
+                seeds = await self._ledger_figures(team.id, [k.id for k in key_list], periods)
+                await self.store.seed_counters([s for s in seeds if s[0] in missing])
+                values = await self.store.read_counters(names)
         figures = [v or 0 for v in values]
         limits = team.limits
 

@@ -390,7 +390,13 @@ class Run:
 
 @asynccontextmanager
 async def fleet_of(
-    nodes: int, redis_url: str, sim: str, workdir: Path, keys: int, rate_limit: bool
+    nodes: int,
+    redis_url: str,
+    sim: str,
+    workdir: Path,
+    keys: int,
+    rate_limit: bool,
+    spend_limits: bool = False,
 ) -> AsyncIterator[tuple[Fleet, list[Target], list[str], Meters]]:
     """N nodes on a fresh prefix and a fresh database, a tenant with `keys` more keys; all
     removed afterwards."""
@@ -405,6 +411,15 @@ async def fleet_of(
         limits = Limits(
             sockets_per_key=BIG, sockets_per_team=BIG, responses_per_minute_per_key=rate
         )
+        if spend_limits:  # none bites: every turn's check 8 is the spend script
+            limits = limits.model_copy(
+                update={
+                    "tokens_per_minute_per_key": BIG,
+                    "usd_per_day_per_key": float(BIG),
+                    "usd_per_day_per_team": float(BIG),
+                    "usd_per_month_per_team": float(BIG),
+                }
+            )
         tenant = await make_tenant(store, limits=limits)
         more = [(await store.create_key(tenant.team.id, name=f"k{i}"))[1] for i in range(keys)]
         await store.close()
@@ -462,7 +477,9 @@ async def run_nodes(
     args: argparse.Namespace,
     idle: bool,
 ) -> Run:
-    async with fleet_of(nodes, redis_url, sim.address, workdir, args.sockets, args.rate_limit) as (
+    async with fleet_of(
+        nodes, redis_url, sim.address, workdir, args.sockets, args.rate_limit, args.spend_limits
+    ) as (
         fleet,
         targets,
         keys,
@@ -627,7 +644,8 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     print(
         f"\n{args.sockets} sockets for the turn loads, spread evenly over the nodes; handshake"
         f" rounds of {args.sockets} per node; {args.seconds:g} s per load; rate limit"
-        f" {'on' if args.rate_limit else 'off'}; host cores:"
+        f" {'on' if args.rate_limit else 'off'}; spend and token limits"
+        f" {'on' if args.spend_limits else 'off'}; host cores:"
         f" {os.cpu_count()}."
     )
 
@@ -644,6 +662,12 @@ async def main() -> None:
         dest="rate_limit",
         action="store_false",
         help="the team without responses_per_minute_per_key (its socket caps kept)",
+    )
+    parser.add_argument(
+        "--spend-limits",
+        action="store_true",
+        help="the team also with tokens per minute and USD budgets (none bites): check 8 is the "
+        "spend script every turn",
     )
     args = parser.parse_args()
     counts = [int(n) for n in args.nodes.split(",")]

@@ -229,4 +229,8 @@ async def test_prometheus_scrapes_the_gateway_and_every_query_works(
         active = await until(pending, 10, "the upstream-close alert to be pending")
         assert "GatewayUpstreamClosesMidResponse" in active
         expected = {"GatewayUpstreamClosesMidResponse", "GatewayErrorRateHigh"}
-        assert active <= expected | {"GatewayOverheadP99High"}
+        # Metrics are the process's: a test run earlier in it may have counted failed spend
+        # rebuilds (Postgres away on purpose) or left teams at their budgets, which this
+        # gateway's /metrics then shows.
+        leaked = {"GatewaySpendRebuildsFailing", "GatewayTeamNearSpendLimit"}
+        assert active <= expected | {"GatewayOverheadP99High"} | leaked

@@ -511,3 +511,51 @@ async def test_openai_python_sees_a_quota_error_and_does_not_retry(
     with pytest.raises(openai.RateLimitError):
         await client.responses.create(model=MODEL, input="hello", stream=True)
     assert refusals() - before == 2
+
+
+async def test_counters_are_kept_only_while_a_team_has_a_spend_limit(
+    gateway: Gateway, tenant: Tenant, database_url: str
+) -> None:
+    """A team without limits costs Redis no counter; one that gains a spend limit gets its
+    counters rebuilt from the ledger, not read as they were when it last had one."""
+    cost, _ = await measured_cost(gateway)
+    pattern = f"{gateway.store.prefix}:*{tenant.key_id}*"
+
+    async def counters() -> list[bytes]:
+        found = [n async for n in gateway.store.redis.scan_iter(match=f"{gateway.store.prefix}:*")]
+        return [n for n in found if b":spend:" in n or n.endswith(b":tpm")]
+
+    async with aiohttp.ClientSession() as http:
+        ws = await ws_of(http, gateway, tenant.key)
+        for _ in range(2):  # no limits: nothing counted
+            assert (await one_turn(ws))["type"] == "response.completed"
+        await gateway.node.spend.flush()
+        assert await counters() == [], pattern
+
+        await set_limits(tenant, usd_per_day_per_team=1000.0)
+        await wait_for_limits(gateway, tenant.team.id, usd_per_day_per_team=1000.0)
+        assert (await one_turn(ws))["type"] == "response.completed"  # rebuilt: 2 costs, then 3
+        await gateway.node.spend.flush()
+        assert len(await counters()) == 1  # the team's day (no month or key limit)
+
+        await set_limits(tenant)  # the limit removed: two more turns, not counted
+        await wait_for_limits(gateway, tenant.team.id)
+        for _ in range(2):
+            assert (await one_turn(ws))["type"] == "response.completed"
+        await gateway.node.spend.flush()
+
+        # 5 costs spent; a limit of 5.5: one more response, then refused. The counter left from
+        # before says 3: read as it was, it would let three more through.
+        cap = float(cost * Decimal("5.5"))
+        await set_limits(tenant, usd_per_day_per_team=cap)
+        await wait_for_limits(gateway, tenant.team.id, usd_per_day_per_team=cap)
+
+        async def dropped() -> bool:
+            return await counters() == []
+
+        await eventually(dropped)
+        kinds = [(await one_turn(ws))["type"] for _ in range(3)]
+        await ws.close()
+    assert kinds == ["response.completed", "error", "error"], kinds
+    await gateway.node.ledger.flushed()
+    assert await ledger_spend(database_url, tenant.team.id) == cost * 6
