@@ -9,9 +9,6 @@ stays a stream). No auth, no checks, no parsing, no ledger, no metrics.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -19,8 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from app import eventloop
-from app.bench.relay import LISTEN_BACKLOG
+from app.bench.relay import relay_main, serve
 
 
 @dataclass
@@ -72,36 +68,16 @@ async def relay_post(request: web.Request) -> web.StreamResponse:
 
 
 async def run_http_relay(host: str, port: int, upstream_base: str) -> None:
-    """Serve until cancelled; print where, once bound (port 0 picks a free port)."""
-    app = create_http_relay_app(upstream_base)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        eventloop.freeze_startup()  # as the gateway does
-        print(f"http relay listening on http://{bound_host}:{bound_port}/v1", flush=True)
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    await serve(
+        create_http_relay_app(upstream_base),
+        host,
+        port,
+        "http relay listening on http://{host}:{port}/v1",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.bench.httprelay", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8091)
-    parser.add_argument("--upstream", required=True, metavar="HTTP_BASE_URL")
-    parser.add_argument(
-        "--loop",
-        choices=("auto", "uvloop", "asyncio"),
-        default="auto",
-        help="the event loop, as GATEWAY_EVENT_LOOP chooses the gateway's (default: auto)",
-    )
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        eventloop.run(run_http_relay(args.host, args.port, args.upstream), args.loop)
-    return 0
+    return relay_main(argv, "app.bench.httprelay", __doc__, 8091, "HTTP_BASE_URL", run_http_relay)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -122,26 +123,44 @@ def _sendable(code: int | None) -> int:
     return code
 
 
-async def run_relay(host: str, port: int, upstream_url: str) -> None:
-    """Serve until cancelled; print where, once bound (port 0 picks a free port)."""
-    runner = web.AppRunner(create_relay_app(upstream_url), access_log=None, shutdown_timeout=2.0)
+async def serve(app: web.Application, host: str, port: int, where: str) -> None:
+    """Serve `app` until cancelled; print `where` (formatted with the bound host and port) once
+    bound (port 0 picks a free port). The bench's relays share it."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         eventloop.freeze_startup()  # as the gateway does
-        print(f"relay listening on ws://{bound_host}:{bound_port}/v1/responses", flush=True)
+        print(where.format(host=bound_host, port=bound_port), flush=True)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.bench.relay", description=__doc__)
+async def run_relay(host: str, port: int, upstream_url: str) -> None:
+    await serve(
+        create_relay_app(upstream_url),
+        host,
+        port,
+        "relay listening on ws://{host}:{port}/v1/responses",
+    )
+
+
+def relay_main(
+    argv: Sequence[str] | None,
+    module: str,
+    description: str | None,
+    port: int,
+    upstream: str,
+    run: Callable[[str, int, str], Coroutine[Any, Any, None]],
+) -> int:
+    """The command line of a bench relay (`module`'s): --host, --port, --upstream, --loop."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8090)
-    parser.add_argument("--upstream", required=True, metavar="WS_URL")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--upstream", required=True, metavar=upstream)
     parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -150,8 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        eventloop.run(run_relay(args.host, args.port, args.upstream), args.loop)
+        eventloop.run(run(args.host, args.port, args.upstream), args.loop)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return relay_main(argv, "app.bench.relay", __doc__, 8090, "WS_URL", run_relay)
 
 
 if __name__ == "__main__":
