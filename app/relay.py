@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from app import metrics, sse
+from app import metrics
 from app.auth.principal import Principal
 from app.errors import Code, GatewayError
 from app.http import error_response
@@ -209,20 +209,19 @@ async def _relay_sse(
     final: dict[str, Any] | None = None
     status: str | None = None
     try:
-        # A chunk's events go out in one write (one send and one chunked-encoding frame for
-        # several events, as they came), not one each.
-        async for batch in upstream.event_batches():
-            if turn.first_byte is None:
+        # The stream goes out as it came, chunk by chunk (one write each, several events in
+        # one, the upstream's own bytes: unchanged, as CONTRACT.md §3 has every event); its
+        # events are read for the first event's time and the terminal event.
+        async for chunk, batch in upstream.chunks():
+            if batch and turn.first_byte is None:
                 turn.first_byte = time.perf_counter()
                 metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)
-            out = []
             for event in batch:
                 name = None if event.event == "message" else event.event
-                out.append(sse.encode(event.data, name))
                 if name is None or name in TERMINAL or name == "error":
                     status, final = _terminal(event.data, status, final)
             try:
-                await resp.write(out[0] if len(out) == 1 else b"".join(out))
+                await resp.write(chunk)
             except (ConnectionError, RuntimeError):
                 status = "cancelled"  # the client left
                 break

@@ -149,9 +149,10 @@ class HttpReply:
             raise UpstreamUnreachable(type(exc).__name__) from exc
         return redact_bytes(raw, (self._credential,)) if self._resp.status >= 400 else raw
 
-    async def event_batches(self) -> AsyncIterator[list[sse.Event]]:
-        """The body's server-sent events, one list per chunk read (the events it completes,
-        possibly none): a relay can write a chunk's events in one write, not one each."""
+    async def chunks(self) -> AsyncIterator[tuple[bytes, list[sse.Event]]]:
+        """The body as it arrives: each chunk read, with the server-sent events it completes
+        (possibly none). A relay writes the chunk itself, unchanged and in one write, and reads
+        the events for what it needs (the first event's time, the terminal event's usage)."""
         lines, decoder = sse.Lines(), sse.Decoder()
         try:
             async for chunk in self._resp.content.iter_any():
@@ -160,8 +161,7 @@ class HttpReply:
                     event = decoder.line(raw)
                     if event is not None:
                         batch.append(event)
-                if batch:
-                    yield batch
+                yield chunk, batch
         except _UNREACHABLE as exc:
             raise UpstreamUnreachable(type(exc).__name__) from exc
 

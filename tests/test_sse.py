@@ -170,11 +170,7 @@ async def test_a_16_mib_event_in_1_byte_chunks_in_linear_time() -> None:
     await _one_big_event(1)
 
 
-async def test_event_batches_are_the_events_of_each_chunk(aiohttp_server: Any) -> None:
-    """`HttpReply.event_batches`: the events each chunk read completes, one list per chunk, in
-    order, a line cut across chunks included (app/upstream.py)."""
-    chunks = [b"event: a\ndata: 1\n\nevent: b\nda", b"ta: 2\n\n", b"data: 3\n\ndata: 4\n\n"]
-
+async def _chunks_read(aiohttp_server: Any, chunks: list[bytes]) -> list[Any]:
     async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -190,5 +186,25 @@ async def test_event_batches_are_the_events_of_each_chunk(aiohttp_server: Any) -
     async with aiohttp.ClientSession() as http:
         url = str(server.make_url("/responses"))
         async with post_http(http, url, "k", {}, connect=5, sock_read=5) as reply:
-            batches = [[(e.event, e.data) for e in b] async for b in reply.event_batches()]
-    assert batches == [[("a", "1")], [("b", "2")], [("message", "3"), ("message", "4")]]
+            return [(c, [(e.event, e.data) for e in b]) async for c, b in reply.chunks()]
+
+
+async def test_chunks_come_as_they_came_with_the_events_they_complete(
+    aiohttp_server: Any,
+) -> None:
+    """`HttpReply.chunks` (app/upstream.py): each chunk unchanged, with the events it completes,
+    in order, a line cut across chunks and CRLF line ends included."""
+    chunks = [
+        b"event: a\ndata: 1\n\nevent: b\nda",
+        b"ta: 2\n\nevent: response.comp",
+        b"leted\ndata: {}\n\ndata: 3\r",
+        b"\n\r\n",
+    ]
+    read = await _chunks_read(aiohttp_server, chunks)
+    assert [c for c, _ in read] == chunks
+    assert [b for _, b in read] == [
+        [("a", "1")],
+        [("b", "2")],
+        [("response.completed", "{}")],
+        [("message", "3")],
+    ]
