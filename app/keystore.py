@@ -221,39 +221,24 @@ if rpm > 0 then
 end
 return {0, spent, team[1], team[2]}
 """
-# A finished response's cost and tokens on the key's slot. KEYS: key-day spend, token window.
-# ARGV: nano-USD, tokens, second. A spend counter is only added to, never created: one that is
-# missing (a new day, a Redis that lost it) is rebuilt from the ledger, which has this
-# response's row, before it is next read (app/spend.py).
-_ADD_KEY = """
-if tonumber(ARGV[1]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('INCRBY', KEYS[1], ARGV[1])
-end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], 61000)
-end
-return 1
-"""
-# _ADD_KEY and _ADD_TEAM in one script, where every key is on one server. KEYS: key-day, token
-# window, team-day, team-month. ARGV: nano-USD, tokens, second.
-_ADD_ALL = """
+# Finished responses' cost and tokens. KEYS: spend counters (the key's day, and where every key
+# is on one server the team's day and month; on a Cluster, whose hash slots keep a key's and a
+# team's names apart, one call for the key's and one for the team's), then, when tokens are
+# counted, the key's token window last. ARGV: nano-USD, tokens, second. A spend counter is only
+# added to, never created: one that is missing (a new day, a Redis that lost it) is rebuilt from
+# the ledger, which has this response's row, before it is next read (app/spend.py).
+_ADD = """
 local nano = tonumber(ARGV[1])
+local counters = #KEYS
+if tonumber(ARGV[2]) > 0 then
+  counters = counters - 1
+  redis.call('HINCRBY', KEYS[#KEYS], ARGV[3], ARGV[2])
+  redis.call('PEXPIRE', KEYS[#KEYS], 61000)
+end
 if nano > 0 then
-  for _, i in ipairs({1, 3, 4}) do
+  for i = 1, counters do
     if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], nano) end
   end
-end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], 61000)
-end
-return 1
-"""
-# The same on the team's slot. KEYS: team-day and team-month spend. ARGV: nano-USD.
-_ADD_TEAM = """
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], ARGV[1]) end
 end
 return 1
 """
@@ -504,10 +489,8 @@ class KeyStore:
             _hiredis_packing(self.redis.connection_pool)
         self._take_slot = self.redis.register_script(_TAKE_SLOT)
         self._rate = self.redis.register_script(_RATE)
-        self._add_key = self.redis.register_script(_ADD_KEY)
-        self._add_team = self.redis.register_script(_ADD_TEAM)
+        self._add = self.redis.register_script(_ADD)
         self._judge_all = self.redis.register_script(_JUDGE_ALL)
-        self._add_all = self.redis.register_script(_ADD_ALL)
         self._batch = _Batcher(self.redis, cluster=cluster, timeout=HANDSHAKE_DEADLINE_SECONDS)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
@@ -1128,42 +1111,25 @@ class KeyStore:
 
     async def add_spend(self, counts: list[tuple[str, str, str, str, int, int]]) -> None:
         """Finished responses' costs and tokens (key id, team id, day, month, nano-USD, tokens:
-        one entry per key and period) into the counters that exist, batched: one script an
+        one entry per key and period) into the counters that exist, batched: one `_ADD` an
         entry on one server; on a Cluster one per key and one per team and period."""
         second = int(time.time())
-        if not self.cluster:
-            calls = [
-                self._batch.call(
-                    self._add_all,
-                    [
-                        self.key_spend(key_id, day),
-                        self.token_window(key_id),
-                        self.team_spend(team_id, day),
-                        self.team_spend(team_id, month),
-                    ],
-                    [nano, tokens, second],
-                )
-                for key_id, team_id, day, month, nano, tokens in counts
-            ]
-            await self._call(asyncio.gather(*calls))
-            return
-        teams: dict[tuple[str, str, str], int] = {}
         calls = []
+        teams: dict[tuple[str, str, str], int] = {}
         for key_id, team_id, day, month, nano, tokens in counts:
-            calls.append(
-                self._batch.call(
-                    self._add_key,
-                    [self.key_spend(key_id, day), self.token_window(key_id)],
-                    [nano, tokens, second],
-                )
-            )
-            if nano:
+            names = [self.key_spend(key_id, day)]
+            if not self.cluster:
+                names += [self.team_spend(team_id, day), self.team_spend(team_id, month)]
+            elif nano:
                 teams[(team_id, day, month)] = teams.get((team_id, day, month), 0) + nano
+            if tokens:
+                names.append(self.token_window(key_id))
+            calls.append(self._batch.call(self._add, names, [nano, tokens, second]))
         calls += [
             self._batch.call(
-                self._add_team,
+                self._add,
                 [self.team_spend(team_id, day), self.team_spend(team_id, month)],
-                [nano],
+                [nano, 0, second],
             )
             for (team_id, day, month), nano in teams.items()
         ]

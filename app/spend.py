@@ -53,7 +53,7 @@ from typing import Any
 from app import metrics
 from app.auth.principal import Principal
 from app.errors import Code, GatewayError
-from app.keystore import KeyStore
+from app.keystore import Judged, KeyStore
 from app.ledger import Ledger, TurnRecord
 from app.ledger.sums import SpendSums
 from app.models import ApiKey, Limits, Team
@@ -123,6 +123,13 @@ def caps_of(limits: Limits) -> tuple[int, int, int]:
         nano_usd(limits.usd_per_day_per_team),
         nano_usd(limits.usd_per_month_per_team),
     )
+
+
+def _entries(
+    counts: Mapping[tuple[str, str, str, str], list[int]],
+) -> list[tuple[str, str, str, str, int, int]]:
+    """Queued counts as `KeyStore.add_spend` takes them."""
+    return [(*name, nano, tokens) for name, (nano, tokens) in counts.items()]
 
 
 def _ms(moment: datetime) -> int:
@@ -244,7 +251,7 @@ class SpendBook:
             return
 
     def _missing(
-        self, principal: Principal, team: Team, periods: Periods, judged: Any
+        self, principal: Principal, team: Team, periods: Periods, judged: Judged
     ) -> list[str]:
         names = []
         if judged.code == 4:  # the script stopped there: the team's figures may be unread
@@ -429,7 +436,7 @@ class SpendBook:
                 counts, self._counts = self._counts, {}
                 unsent, self._unsent = self._unsent, 0
                 try:
-                    await self.store.add_spend([(*n, c, t) for n, (c, t) in counts.items()])
+                    await self.store.add_spend(_entries(counts))
                 except GatewayError:
                     self._requeue(counts, unsent)
                     await asyncio.sleep(UNSENT_RETRY_SECONDS)
@@ -455,7 +462,7 @@ class SpendBook:
         counts, self._counts = self._counts, {}
         if counts:
             with contextlib.suppress(GatewayError):
-                await self.store.add_spend([(*n, c, t) for n, (c, t) in counts.items()])
+                await self.store.add_spend(_entries(counts))
 
     # -- where a team stands ----------------------------------------------------------------------
 

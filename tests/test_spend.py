@@ -207,7 +207,7 @@ async def test_a_month_budget_and_a_key_day_budget_refuse_too(
         assert kinds == ["response.completed"] * 3 + ["error"], [e.get("error") for e in events]
 
         # A second key of the same team: the team's month is spent for it too.
-        other, secret = await tenant.store.create_key(tenant.team.id, name="other")
+        _other, secret = await tenant.store.create_key(tenant.team.id, name="other")
         ws2 = await ws_of(http, gateway, secret)
         event = await one_turn(ws2)
         assert_error(event, "insufficient_quota", 429, etype="insufficient_quota")
@@ -227,7 +227,6 @@ async def test_a_month_budget_and_a_key_day_budget_refuse_too(
         assert (await one_turn(ws2))["type"] == "error"
         await ws.close()
         await ws2.close()
-    assert other.team_id == tenant.team.id
 
 
 async def test_tokens_per_minute_refuse_with_rate_limit_exceeded(
