@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from app import metrics
+from app import metrics, sse
 from app.auth.principal import Principal
 from app.errors import Code, GatewayError
 from app.http import error_response
@@ -28,6 +28,9 @@ from app.upstream import HttpReply, UpstreamUnreachable, post_http
 from app.usage import charge
 
 Transport = Literal["http", "compact"]
+# What the stream is read for: the terminal event and errors (`sse.Sieve` skips the rest unread).
+# Each name holds one of these: completed and incomplete "complete", failed "failed".
+_AWAITED = (b"complete", b"failed", b"error")
 
 
 class HttpTurn:
@@ -208,22 +211,24 @@ async def _relay_sse(
     await resp.prepare(request)
     final: dict[str, Any] | None = None
     status: str | None = None
+    left = False
+    sieve = sse.Sieve(TERMINAL, _AWAITED)
     try:
         # The stream goes out as it came, chunk by chunk (one write each, several events in
         # one, the upstream's own bytes: unchanged, as CONTRACT.md §3 has every event); its
-        # events are read for the first event's time and the terminal event.
-        async for chunk, batch in upstream.chunks():
-            if batch and turn.first_byte is None:
-                turn.first_byte = time.perf_counter()
-                metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)
-            for event in batch:
-                name = None if event.event == "message" else event.event
-                if name is None or name in TERMINAL or name == "error":
-                    status, final = _terminal(event.data, status, final)
+        # events are read for the first event's time and the terminal event (the sieve
+        # decodes only those).
+        async for chunk in upstream.chunks():
+            batch = sieve.feed(chunk)
+            if batch:
+                if turn.first_byte is None:
+                    turn.first_byte = time.perf_counter()
+                    metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)
+                status, final = _read(batch, status, final)
             try:
                 await resp.write(chunk)
             except (ConnectionError, RuntimeError):
-                status = "cancelled"  # the client left
+                left = True  # the client left
                 break
         else:
             await resp.write_eof()
@@ -231,8 +236,19 @@ async def _relay_sse(
         # The upstream stream broke (recorded as an error below), or the client left as it
         # ended (aiohttp's ClientConnectionResetError from write_eof).
         pass
-    turn.record(status=status or "error", response=final)
+    status, final = _read(sieve.finish(), status, final)  # what came but was not searched yet
+    turn.record(status="cancelled" if left else status or "error", response=final)
     return resp
+
+
+def _read(
+    batch: list[sse.Event], status: str | None, final: dict[str, Any] | None
+) -> tuple[str | None, dict[str, Any] | None]:
+    for event in batch:
+        name = None if event.event == "message" else event.event
+        if name is None or name in TERMINAL or name == "error":
+            status, final = _terminal(event.data, status, final)
+    return status, final
 
 
 def _terminal(

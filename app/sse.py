@@ -15,6 +15,8 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
+import orjson
+
 _LINE_END = re.compile(rb"\r\n?|\n")  # the specification's three: CRLF, CR, LF
 
 
@@ -104,6 +106,159 @@ class Decoder:
         elif name == "id" and "\0" not in value:
             self._last_id = value
         return None
+
+
+class Sieve:
+    """The few events of a stream a reader folds over, found by byte searches instead of decoding
+    every line: a relay that passes the bytes on unchanged needs the first event (its time) and
+    the last terminal event and errors, and decoding every line of every delta cost more than
+    relaying it.
+
+    An event is named by its `event:` field, or by its data's JSON `type` when it has none.
+    Every name the reader wants must hold one of `markers`; `resets` are the wanted names after
+    which a reader folding over the stream in order no longer depends on anything before (for
+    the relay: a terminal event replaces the status and the response).
+
+    The stream's first event is decoded as it arrives (`feed` returns it). After it, chunks are
+    held unread until `hold` bytes have come or `finish` is called (at the stream's end), then
+    searched together (a search has a fixed cost, and a chunk is often one small event), cut at
+    their last event boundary (a blank line). In that run of whole events the search goes
+    backwards from the end: the last event holding a marker or a backslash (JSON may spell a name
+    with escapes) is decoded, then the one before it, until one of `resets` is found. What is
+    returned is those, in stream order: of the wanted events of the run, every one from its last
+    `resets` event on (all of them if it has none), possibly with others beside them that held a
+    marker. Folding over what `feed` and `finish` return gives what folding over every event
+    gives. `Lines` and `Decoder` are in the same state at every event boundary, so decoding
+    whole events out of order or skipping them changes nothing they read. Once a CR is seen the
+    stream may end lines with it, and every event is decoded from then on. Linear in the
+    stream's length however it is cut.
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_every_line",
+        "_held",
+        "_held_bytes",
+        "_hold",
+        "_lines",
+        "_markers",
+        "_pending",
+        "_resets",
+        "seen",
+    )
+
+    def __init__(
+        self,
+        resets: frozenset[str],
+        markers: tuple[bytes, ...],
+        hold: int = 64 * 1024,
+    ) -> None:
+        self._resets = resets
+        self._markers = (*markers, b"\\")
+        self._hold = hold
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._pending = bytearray()  # the bytes of the event begun, not yet ended
+        self._lines, self._decoder = Lines(), Decoder()
+        self._every_line = False
+        self.seen = False  # an event has been decoded (the stream's first, for its time)
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """Until the first event, that event; then, when `hold` bytes have been held, what a
+        search of them gives (see the class); else nothing."""
+        if self.seen and not self._every_line:
+            self._held.append(chunk)
+            self._held_bytes += len(chunk)
+            if self._held_bytes < self._hold:
+                return []
+            chunk = b"".join(self._held)
+            self._held.clear()
+            self._held_bytes = 0
+        return self._search(chunk)
+
+    def finish(self) -> list[Event]:
+        """What a search of the bytes still held gives (the stream has ended)."""
+        if not self._held:
+            return []
+        chunk = b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        return self._search(chunk)
+
+    def _search(self, chunk: bytes) -> list[Event]:
+        if self._every_line or b"\r" in chunk:
+            if not self._every_line:
+                self._every_line = True
+                chunk = bytes(self._pending) + chunk
+                self._pending.clear()
+            return self._decode(chunk)
+        if not self._pending and chunk.endswith(b"\n\n"):
+            run: bytes | bytearray = chunk  # the norm: reads of whole events
+        else:
+            start = max(len(self._pending) - 1, 0)  # a blank line may straddle the two
+            self._pending += chunk
+            end = self._pending.rfind(b"\n\n", start)
+            if end < 0:
+                return []
+            run = self._pending[: end + 2]
+            del self._pending[: end + 2]
+        return self._pick(run)
+
+    def _pick(self, run: bytes | bytearray) -> list[Event]:
+        """A run of whole events (LF line ends): the first event, until one has been seen (the
+        rest of the run is held); then the marked events from the end back to the last of
+        `resets`. Each marker's place is searched for again only once the search has passed
+        it, so the work stays linear however many events hold one."""
+        if not self.seen:
+            first: list[Event] = []
+            low = 0
+            while not self.seen and low < len(run):
+                end = run.find(b"\n\n", low) + 2
+                first = self._decode(bytes(run[low:end]))
+                low = end
+            if not self.seen:  # comments only, so far
+                return first
+            # The rest waits, in order, with what comes after it.
+            self._held += (bytes(run[low:]), bytes(self._pending))
+            self._held_bytes += len(run) - low + len(self._pending)
+            self._pending.clear()
+            return first
+        low = 0
+        found: list[list[Event]] = []
+        places = [run.rfind(marker, low) for marker in self._markers]
+        while (hit := max(places)) >= 0:
+            start = run.rfind(b"\n\n", low, hit)  # the end of the event before the hit
+            start = low if start < 0 else start + 2
+            events = self._decode(bytes(run[start : run.find(b"\n\n", hit) + 2]))
+            found.append(events)
+            if any(self._name(event) in self._resets for event in events):
+                break
+            places = [
+                run.rfind(marker, low, start) if place >= start else place
+                for marker, place in zip(self._markers, places, strict=True)
+            ]
+        return [event for events in reversed(found) for event in events]
+
+    @staticmethod
+    def _name(event: Event) -> str | None:
+        if event.event != "message":
+            return event.event
+        try:
+            value = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return None
+        kind = value.get("type") if isinstance(value, dict) else None
+        return kind if isinstance(kind, str) else None
+
+    def _decode(self, data: bytes) -> list[Event]:
+        events = []
+        for raw in self._lines.feed(data):
+            event = self._decoder.line(raw)
+            if event is not None:
+                events.append(event)
+        if events:
+            self.seen = True
+        return events
 
 
 async def parse(chunks: AsyncIterable[bytes]) -> AsyncIterator[Event]:

@@ -149,19 +149,11 @@ class HttpReply:
             raise UpstreamUnreachable(type(exc).__name__) from exc
         return redact_bytes(raw, (self._credential,)) if self._resp.status >= 400 else raw
 
-    async def chunks(self) -> AsyncIterator[tuple[bytes, list[sse.Event]]]:
-        """The body as it arrives: each chunk read, with the server-sent events it completes
-        (possibly none). A relay writes the chunk itself, unchanged and in one write, and reads
-        the events for what it needs (the first event's time, the terminal event's usage)."""
-        lines, decoder = sse.Lines(), sse.Decoder()
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, each chunk as it was read."""
         try:
             async for chunk in self._resp.content.iter_any():
-                batch = []
-                for raw in lines.feed(chunk):
-                    event = decoder.line(raw)
-                    if event is not None:
-                        batch.append(event)
-                yield chunk, batch
+                yield chunk
         except _UNREACHABLE as exc:
             raise UpstreamUnreachable(type(exc).__name__) from exc
 

@@ -12,9 +12,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from app import sse
+from app.relay import _AWAITED, _read
+from app.turnpolicy import TERMINAL
 from app.upstream import post_http
 
 # Every line end the specification knows (CRLF, CR alone, LF alone), next to each other, ending
@@ -186,14 +189,15 @@ async def _chunks_read(aiohttp_server: Any, chunks: list[bytes]) -> list[Any]:
     async with aiohttp.ClientSession() as http:
         url = str(server.make_url("/responses"))
         async with post_http(http, url, "k", {}, connect=5, sock_read=5) as reply:
-            return [(c, [(e.event, e.data) for e in b]) async for c, b in reply.chunks()]
+            sieve = sse.Sieve(TERMINAL, _AWAITED, hold=0)
+            return [(c, [(e.event, e.data) for e in sieve.feed(c)]) async for c in reply.chunks()]
 
 
-async def test_chunks_come_as_they_came_with_the_events_they_complete(
-    aiohttp_server: Any,
-) -> None:
-    """`HttpReply.chunks` (app/upstream.py): each chunk unchanged, with the events it completes,
-    in order, a line cut across chunks and CRLF line ends included."""
+async def test_chunks_come_as_they_came(aiohttp_server: Any) -> None:
+    """`HttpReply.chunks` (app/upstream.py): each chunk unchanged, as it was read; a sieve fed
+    them as they come (nothing held) gives the events that may matter as their chunk ends them
+    (the first, the marked ones; `b` is skipped unread), a line cut across chunks and CRLF line
+    ends included."""
     chunks = [
         b"event: a\ndata: 1\n\nevent: b\nda",
         b"ta: 2\n\nevent: response.comp",
@@ -204,7 +208,112 @@ async def test_chunks_come_as_they_came_with_the_events_they_complete(
     assert [c for c, _ in read] == chunks
     assert [b for _, b in read] == [
         [("a", "1")],
-        [("b", "2")],
+        [],
         [("response.completed", "{}")],
         [("message", "3")],
     ]
+
+
+# A stream as OpenAI and the simulator send it (LF line ends, an `event:` line each), with what a
+# sieve must not miss: a terminal event without an `event:` line, one spelt with a JSON escape, an
+# error, and a delta whose text holds a marker (decoded for nothing, but harmless).
+SIEVE_STREAM = b"".join(
+    [
+        b": keep-alive\n\n",
+        b'event: response.created\ndata: {"type":"response.created","response":{"error":null}}\n\n',
+        *(
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            b'"delta":"%d"}\n\n' % i
+            for i in range(6)
+        ),
+        b'event: response.output_text.delta\ndata: {"delta":"an error here"}\n\n',
+        b'data: {"type":"response.failed","response":{"status":"failed","n":1}}\n\n',
+        b'event: response.output_text.delta\ndata: {"delta":"x"}\n\n',
+        b'data: {"type":"response.\\u0066ailed","response":{"n":2}}\n\n',
+        b'event: error\ndata: {"type":"error"}\n\n',
+    ]
+)
+COMPLETED = (
+    b"event: response.completed\n"
+    b'data: {"type":"response.completed","response":{"status":"completed"}}\n\n'
+)
+ERROR = b'event: error\ndata: {"type":"error","error":{"code":"server_error"}}\n\n'
+# What a reader folds over: the first event, then (status, response) as app/relay.py reads them.
+Folded = tuple[list[sse.Event], tuple[str | None, dict[str, Any] | None]]
+
+
+def _folded(events: list[sse.Event]) -> Folded:
+    return events[:1], _read(events, None, None)
+
+
+def _sieved(parts: Iterable[bytes], hold: int) -> Folded:
+    sieve = sse.Sieve(TERMINAL, _AWAITED, hold)
+    return _folded([event for part in parts for event in sieve.feed(part)] + sieve.finish())
+
+
+@pytest.mark.parametrize("hold", [0, 64, 64 * 1024])
+async def test_the_sieve_folds_like_every_event_however_cut(hold: int) -> None:
+    """`sse.Sieve` against the full parser: the first event, and the status and response the POST
+    relay reads off what it returns, for every cut of the stream in two and in three (every 11th
+    offset): streams ending in a terminal event, in an error after one, in an error after an
+    escaped terminal, in no event that matters, LF and CRLF line ends (a CR turns the sieve into
+    the parser from there on); chunks searched as they come, a few together, or all at the end."""
+    streams = [
+        SIEVE_STREAM + COMPLETED,
+        SIEVE_STREAM + COMPLETED + ERROR,
+        SIEVE_STREAM,
+        STREAM,
+        SIEVE_STREAM + STREAM,
+        STREAM + SIEVE_STREAM + COMPLETED,
+    ]
+    outcomes = set()
+    for stream in streams:
+        expected = _folded(await _events([stream]))
+        outcomes.add(str(expected[1]))
+        cuts: list[tuple[int, ...]] = [(at,) for at in range(len(stream) + 1)]
+        cuts += [
+            (first, second)
+            for first in range(0, len(stream) + 1, 11)
+            for second in range(first, len(stream) + 1, 11)
+        ]
+        wrong = [at for at in cuts if _sieved(_cut(stream, *at), hold) != expected]
+        assert wrong == [], f"{len(wrong)} cuts change what the sieve gives: {wrong[:5]}"
+        assert _sieved((stream[i : i + 1] for i in range(len(stream))), hold) == expected
+    assert len(outcomes) == 4, outcomes  # completed, error with and without a response, none
+
+
+@pytest.mark.parametrize(
+    ("hold", "named", "decoded"), [(0, True, 6), (64 * 1024, True, 2), (64 * 1024, False, 2)]
+)
+def test_the_sieve_skips_the_deltas(hold: int, named: bool, decoded: int) -> None:
+    """Of a stream's 14 events fed byte by byte, the sieve decodes the first and, searched as they
+    come, the marked ones (the created event, whose response holds `"error":null`, is the first;
+    the delta that says "error", failed, the escape, error, completed); searched at the end,
+    only the last, completed, with or without an `event:` line."""
+    sieve = sse.Sieve(TERMINAL, _AWAITED, hold)
+    stream = SIEVE_STREAM + (COMPLETED if named else COMPLETED.split(b"\n", 1)[1])
+    given = [event for i in range(len(stream)) for event in sieve.feed(stream[i : i + 1])]
+    given += sieve.finish()
+    assert len(given) == decoded, given
+    assert orjson.loads(given[-1].data)["type"] == "response.completed"
+
+
+async def test_the_sieve_is_linear_on_a_16_mib_event() -> None:
+    """A 16 MiB terminal event with LF line ends in 1 KiB chunks, first as the stream's first
+    event (decoded as it comes), then after one (held and searched 64 KiB at a time): each byte
+    searched once (a sieve that searched its whole pending event on every chunk would copy about
+    128 GiB)."""
+    big, data = _completed_event(BIG)
+    big = big.replace(b"\r\n", b"\n")
+    for stream in (big, b"data: first\n\n" + big):
+        sieve = sse.Sieve(TERMINAL, _AWAITED)
+        events = [
+            event async for part in _within_cpu_budget(stream, 1024) for event in sieve.feed(part)
+        ]
+        events += sieve.finish()
+        assert (events[-1].event, events[-1].data) == ("response.completed", data)
+
+
+def test_the_post_relay_s_markers_cover_the_events_it_reads() -> None:
+    """app/relay.py reads the terminal events and errors: each name holds one of its markers."""
+    assert all(any(marker in name.encode() for marker in _AWAITED) for name in (*TERMINAL, "error"))
