@@ -303,6 +303,21 @@ class Session:
         if self._close_after_turn is not None and self.state is State.IDLE:
             await self.close(*self._close_after_turn)
 
+    @property
+    def ends_quietly(self) -> bool:
+        """A turn's end needs nothing awaited: no close is due after it (`end_turn_now`)."""
+        return self._close_after_turn is None
+
+    def end_turn_now(self, turn: Turn, status: str, response: dict[str, Any]) -> None:
+        """`end_turn` of a turn whose terminal event went out on the raw path (no error to send;
+        the raw path checked `ends_quietly` in the same call)."""
+        if self.turn is not turn:
+            return
+        self.turn = None
+        if self.state is State.IN_FLIGHT:
+            self._transition(State.IDLE)
+        self._record_turn(turn, status, response)
+
     def _abort_turn(self, status: str) -> None:
         turn = self.turn
         if turn is None:

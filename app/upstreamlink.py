@@ -43,8 +43,9 @@ from app.upstream import (
     stream_http,
 )
 
-# The events whose handling awaits (the turn's end, retries): never on the raw path.
-_AWAITED_BYTES = frozenset(kind.encode() for kind in (*TERMINAL, "error"))
+# The events that end a turn: on the raw path only when the turn can end at once (`raw_frame`).
+_TERMINAL_BYTES = frozenset(kind.encode() for kind in TERMINAL)
+_ERROR_BYTES = b"error"
 _TYPE_PREFIX = '{"type":"'
 _TYPE_BYTES = _TYPE_PREFIX.encode()
 
@@ -81,6 +82,11 @@ class TurnOwner(Protocol):
     turn: Turn | None  # the turn in flight (or closing with the socket)
     in_flight: bool  # the session's state is IN_FLIGHT
 
+    @property
+    def ends_quietly(self) -> bool: ...  # a turn's end needs nothing awaited (no close due)
+
+    def end_turn_now(self, turn: Turn, status: str, response: dict[str, Any]) -> None: ...
+
     async def end_turn(
         self,
         turn: Turn,
@@ -109,6 +115,8 @@ class UpstreamLink:
         self._last_frame_at = time.perf_counter()
         self._watchdog: asyncio.TimerHandle | None = None
         self._silence: asyncio.Task[None] | None = None
+        # A terminal event `raw_frame` took: the turn ends in `raw_write`, once it is written.
+        self._ending: tuple[Turn, str, dict[str, Any], str | None] | None = None
 
     # -- a turn's request -----------------------------------------------------------------------
 
@@ -216,15 +224,24 @@ class UpstreamLink:
         self, conn: UpstreamConn, data: bytes, start: int, payload: int, end: int
     ) -> bool:
         """May the upstream text frame `data[start:end]` go to the client as it came? Yes if it
-        is an event of the turn under way that needs nothing awaited (not a terminal event, not
-        an error) and the client's buffer has room; it then goes out with the others of its read
-        in `raw_write`. False: it takes aiohttp's path (`_read`)."""
+        is an event of the turn under way that needs nothing awaited and the client's buffer has
+        room; it then goes out with the others of its read in `raw_write`. A terminal event
+        needs nothing awaited when the turn can end at once (no close is due after it): it is
+        parsed here and the turn ends in `raw_write`, after the write, as `_inspect` would end
+        it. Never an error (a retry, a swallow, a patch), nor anything after a terminal event.
+        False: it takes aiohttp's path (`_read`)."""
         owner = self.owner
         turn = owner.turn
-        if turn is None or turn.conn is not conn or not data.startswith(_TYPE_BYTES, payload):
+        if (
+            turn is None
+            or turn.conn is not conn
+            or self._ending is not None
+            or not data.startswith(_TYPE_BYTES, payload)
+        ):
             return False
         kind = data[payload + 9 : data.find(b'"', payload + 9, end)]
-        if kind in _AWAITED_BYTES:
+        terminal = kind in _TERMINAL_BYTES
+        if kind == _ERROR_BYTES or (terminal and not owner.ends_quietly):
             return False
         client = self.client
         transport = client.transport
@@ -241,6 +258,16 @@ class UpstreamLink:
                 turn.response_id = _response_id(orjson.loads(data[payload:end]))
             except orjson.JSONDecodeError:
                 return False
+        elif terminal:
+            try:
+                event = orjson.loads(data[payload:end])
+            except orjson.JSONDecodeError:
+                return False
+            if not isinstance(event, dict):
+                return False
+            found = event.get("response")
+            response = found if isinstance(found, dict) else {}
+            self._ending = (turn, kind.decode(), response, _response_id(event))
         return True
 
     def raw_write(self, frames: bytes, count: int, received: float) -> None:
@@ -251,6 +278,14 @@ class UpstreamLink:
         assert transport is not None and turn is not None  # raw_frame checked, nothing since
         transport.write(frames)
         turn.tally.forwarded(received, count)
+        if self._ending is not None:
+            ended, kind, response, response_id = self._ending
+            self._ending = None
+            ended.response_id = response_id or ended.response_id
+            verdict = turnpolicy.on_terminal(kind, response)
+            output = response.get("output")
+            self._settle_memory(ended, verdict.chain, output if isinstance(output, list) else [])
+            self.owner.end_turn_now(ended, verdict.status, response)
 
     # -- aiohttp's path -------------------------------------------------------------------------
 

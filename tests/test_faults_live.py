@@ -96,9 +96,12 @@ async def redis_gateway(
 
 @pytest.fixture
 async def limited(redis_gateway: Gateway) -> Tenant:
-    # A rate limit, so every accepted turn asks Redis (and fails open while it is away).
+    # A rate limit, so every accepted turn asks Redis (and fails open while it is away). A team
+    # of its own: a spend limit rebuilt from the run's shared ledger sees only this test's rows.
     return await make_tenant(
-        redis_gateway.store, limits=Limits(responses_per_minute_per_key=1000, sockets_per_key=50)
+        redis_gateway.store,
+        team_id=f"faults-{os.urandom(4).hex()}",
+        limits=Limits(responses_per_minute_per_key=1000, sockets_per_key=50),
     )
 
 

@@ -22,9 +22,10 @@ import pytest
 from aiohttp import WebSocketError, WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.client_proto import ResponseHandler
-from conftest import UPSTREAM_KEY, Connect, Gateway, Sim, create, recv, send, until_terminal
+from conftest import MODEL, UPSTREAM_KEY, Connect, Gateway, Sim, create, recv, send, until_terminal
 
 from app import rawpath, upstream, upstreamlink
+from app.metrics import REGISTRY
 from app.rawpath import RAW_MAX, RawForwarder
 from app.upstream import UpstreamConn
 
@@ -199,6 +200,38 @@ async def test_deltas_go_raw_through_the_gateway_and_arrive_whole(
         # Most deltas: not the first event of a turn, not the inspected ones (created,
         # completed), nor those that came in one read behind one of those (order first).
         assert session.upstream.raw.forwarded > 60, session.upstream.raw.forwarded
+
+
+async def test_terminal_events_go_raw_and_end_their_turns(
+    gateway: Gateway, connect: Connect
+) -> None:
+    """A terminal event whose turn can end at once goes to the client as it came and the turn
+    ends in the same call, as on aiohttp's path: the turn counted, its response remembered for
+    the chain, the next `response.create` accepted the moment the event is in."""
+
+    def completed() -> float:
+        labels = {"model": MODEL, "status": "completed"}
+        return REGISTRY.get_sample_value("gateway_responses_total", labels) or 0.0
+
+    before = completed()
+    async with connect() as ws:
+        await send(ws, create(metadata={"sim_deltas": "3"}))  # opens the upstream socket
+        await until_terminal(ws)
+        (session,) = gateway.sessions
+        assert session.upstream is not None and session.upstream.raw is not None
+        raw = session.upstream.raw
+        forwarded = raw.forwarded
+        previous: str | None = None
+        for _ in range(5):
+            chained = {} if previous is None else {"previous_response_id": previous}
+            await send(ws, create(**chained, metadata={"sim_terminal_only": "true"}))
+            (event,) = await until_terminal(ws)  # the terminal event alone
+            assert event["type"] == "response.completed"
+            previous = event["response"]["id"]
+        assert raw.forwarded == forwarded + 5  # every one raw
+        assert session.upstream.memory.chain_for(previous) is not None
+        assert session.turn is None and not session.in_flight
+    assert completed() == before + 6
 
 
 @pytest.mark.parametrize("settings_overrides", [{"GATEWAY_RAW_FORWARDING": False}])

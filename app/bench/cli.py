@@ -232,9 +232,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile-load",
         choices=("saturated", "paced", "handshakes", "turns", "burst", "sse"),
         default="saturated",
-        help="the load run while --profile samples (default saturated; turns: one-event "
-        "turns, saturated; burst: --burst new sockets at once, each with its first turn; sse: "
-        "streamed POSTs, saturated; needs the SSE phase's relay, so not with --no-sse)",
+        help="the load run while --profile samples (default saturated; turns: turns of the "
+        "first --events-per-turn length, 1 by default, saturated; burst: --burst new sockets "
+        "at once, each with its first turn; sse: streamed POSTs, saturated; needs the SSE "
+        "phase's relay, so not with --no-sse)",
     )
     cmp.add_argument(
         "--profile-seconds", type=pos_float, default=10.0, help="how long py-spy samples (10)"

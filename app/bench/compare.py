@@ -366,9 +366,10 @@ async def _profile(plan: Plan, stack: Stack, options: CompareOptions) -> None:
             await _handshakes(plan, stack, target)
         elif kind == "paced":
             await _load(plan, stack, target, plan.paced, plan.sockets, plan.turns)
-        elif kind == "turns":  # one-event turns: the fixed cost of a turn
-            shape = Shape.of_events(plan.model, 1)
-            turns = plan.shape_turns(1)
+        elif kind == "turns":  # short turns: the first --events-per-turn length (1: fixed cost)
+            events = plan.events_per_turn[0] if plan.events_per_turn else 1
+            shape = Shape.of_events(plan.model, events)
+            turns = plan.shape_turns(events)
             await _load(plan, stack, target, shape, plan.saturate_sockets, turns)
         elif kind == "sse":  # POST /v1/responses with stream: true, saturated
             http_target = next(t for t in stack.http_targets() if t.name == "gateway")
