@@ -9,15 +9,17 @@ asks the session (`UpstreamLink.raw_frame`, app/upstreamlink.py) whether it may 
 transport as it came.
 
 The session says yes for an unfragmented text frame of at most `RAW_MAX` bytes of the turn under
-way that needs nothing awaited (every event but the terminal ones and `error`: `response.created`
-is read on the spot, and a write's events are counted with it), while the client's buffer has
-room, and while no earlier frame is still on aiohttp's path (`pending`): frames reach the client
-in the order OpenAI sent them. Frames that go raw one after another in the bytes of one read are one
+way that needs nothing awaited (every event but `error`, and a terminal event only when its turn
+can end at once: `response.created` and the terminal event are read on the spot, a write's events
+are counted with it, and the turn ends right after the write that carries its terminal event),
+while the client's buffer has room, and while no earlier frame is still on aiohttp's path
+(`pending`): frames reach the client in the order OpenAI sent them. Frames that go raw one after another in the bytes of one read are one
 run of those bytes, and go to the client in one write (`Write`): OpenAI sent them together, and
 a write per frame was a send(2) per event, most of the gateway's CPU at saturation.
 
-Everything else (control frames, fragments, the terminal events and errors, large frames,
-anything when the session is not streaming) is handed to aiohttp's reader unchanged, in order,
+Everything else (control frames, fragments, errors, terminal events whose turn has a close due
+after it, whatever follows a terminal event in its read, large frames, anything when the session
+is not streaming) is handed to aiohttp's reader unchanged, in order,
 contiguous runs in one call, and takes the usual path: `UpstreamLink._read`.
 
 `pending` counts the messages handed to aiohttp that the session's reader has not finished with;
