@@ -494,7 +494,8 @@ class KeyStore:
         self._batch = _Batcher(self.redis, cluster=cluster, timeout=HANDSHAKE_DEADLINE_SECONDS)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
-        self._infos: dict[str, bytes] = {}  # socket id -> its changed session record
+        # socket id -> its changed session record, made when written
+        self._infos: dict[str, Callable[[], dict[str, Any]]] = {}
         self._info_writer: asyncio.Task[None] | None = None
         # Admin writes made through this store: a node's cached secrets are stale after one.
         self.writes = 0
@@ -1110,9 +1111,15 @@ class KeyStore:
         future.add_done_callback(_ignore)
 
     async def add_spend(self, counts: list[tuple[str, str, str, str, int, int]]) -> None:
+        """`queue_spend`, awaited (Redis away: `GatewayError`)."""
+        await self._call(self.queue_spend(counts))
+
+    def queue_spend(self, counts: list[tuple[str, str, str, str, int, int]]) -> asyncio.Future[Any]:
         """Finished responses' costs and tokens (key id, team id, day, month, nano-USD, tokens:
         one entry per key and period) into the counters that exist, batched: one `_ADD` an
-        entry on one server; on a Cluster one per key and one per team and period."""
+        entry on one server; on a Cluster one per key and one per team and period. Queued now,
+        so in front of any call made after it (a judgment that should see them); the future
+        fails with what the batch raised."""
         second = int(time.time())
         calls = []
         teams: dict[tuple[str, str, str], int] = {}
@@ -1133,7 +1140,7 @@ class KeyStore:
             )
             for (team_id, day, month), nano in teams.items()
         ]
-        await self._call(asyncio.gather(*calls))
+        return asyncio.gather(*calls)
 
     async def read_counters(self, names: list[str]) -> list[int | None]:
         raws = await self._call(self._mget(names))
@@ -1227,10 +1234,11 @@ class KeyStore:
         calls += [self._batch.command("DEL", self.session_record(s)) for *_, s in batch]
         return calls
 
-    def update_session(self, socket_id: str, info: dict[str, Any]) -> None:
+    def update_session(self, socket_id: str, info: Callable[[], dict[str, Any]]) -> None:
         """Rewrite a live socket's session record (a turn ended), within
-        SESSION_INFO_BATCH_SECONDS and together with the others changed meanwhile."""
-        self._infos[socket_id] = orjson.dumps(info)
+        SESSION_INFO_BATCH_SECONDS and together with the others changed meanwhile. `info` is
+        called then, once, however many turns ended meanwhile."""
+        self._infos[socket_id] = info
         if self._info_writer is None:
             self._info_writer = asyncio.create_task(self._write_infos_later(), name="session-infos")
 
@@ -1254,7 +1262,8 @@ class KeyStore:
         records = list(batch.items())
         for start in range(0, len(records), SESSION_INFO_CHUNK):  # never one huge pipeline
             async with self._pipeline(transaction=False) as pipe:
-                for socket_id, record in records[start : start + SESSION_INFO_CHUNK]:
+                for socket_id, info in records[start : start + SESSION_INFO_CHUNK]:
+                    record = orjson.dumps(info())
                     pipe.set(self.session_record(socket_id), record, px=LEASE_MS, xx=True)
                 await self._call(pipe.execute())
 

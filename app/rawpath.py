@@ -13,9 +13,10 @@ way that needs nothing awaited (every event but `error`, and a terminal event on
 can end at once: `response.created` and the terminal event are read on the spot, a write's events
 are counted with it, and the turn ends right after the write that carries its terminal event),
 while the client's buffer has room, and while no earlier frame is still on aiohttp's path
-(`pending`): frames reach the client in the order OpenAI sent them. Frames that go raw one after another in the bytes of one read are one
-run of those bytes, and go to the client in one write (`Write`): OpenAI sent them together, and
-a write per frame was a send(2) per event, most of the gateway's CPU at saturation.
+(`pending`): frames reach the client in the order OpenAI sent them. Frames that go raw one after
+another in the bytes of one read are one run of those bytes, and go to the client in one write
+(`Write`): OpenAI sent them together, and a write per frame was a send(2) per event, most of the
+gateway's CPU at saturation.
 
 Everything else (control frames, fragments, errors, terminal events whose turn has a close due
 after it, whatever follows a terminal event in its read, large frames, anything when the session

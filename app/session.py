@@ -365,7 +365,7 @@ class Session:
             ttfe_ms=None if ttfe is None else ttfe * 1000,
             duration_ms=duration * 1000,
         )
-        self.node.store.update_session(self.id, self.info())  # the listing's model and turns
+        self.node.store.update_session(self.id, self.info)  # the listing's model and turns
 
     # -- lifecycle ------------------------------------------------------------------------------
 

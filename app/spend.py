@@ -12,11 +12,12 @@ script (responses per minute, tokens per minute, the key's spend today, in that 
 counted in the window only if all pass) and a read of the team's two counters, sent together.
 A turn the team's spend refuses is taken back out of the key's window.
 
-Counting (`count`): when a response ends, its cost and tokens are queued and sent on the next turn
-of the event loop, summed per key and per team, into the counters that exist. A limit is
-overshot by the responses already in flight and by those whose counts are on their way (a few
-milliseconds), never by more. While Redis is away the counts wait (up to UNSENT_MAX) and are
-sent again.
+Counting (`count`): when a response ends, its cost and tokens are queued, summed per key and per
+team, and go to the counters that exist in front of this node's next judgment (in the same
+Redis pipeline, before it: a node's own next turn sees them), or after COUNT_WAIT_SECONDS when
+no judgment comes first. A limit is overshot by the responses already in flight and by those
+whose counts are on their way (at most COUNT_WAIT_SECONDS and a round trip), never by more.
+While Redis is away the counts wait (up to UNSENT_MAX) and are sent again.
 
 Counters that are missing (the first turn of a day or month, a Redis restart or failover, a
 flushed key) are rebuilt from the ledger before the turn is judged: the sum of the period's
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 NANO = Decimal(1_000_000_000)
 # Counts that could not be sent (Redis away) wait this long between tries, up to this many.
 UNSENT_RETRY_SECONDS = 1.0
+# How long a finished response's count waits for a judgment to ride with (a busy node sends a
+# judgment within microseconds; the count saves its own Redis write) before it goes alone.
+COUNT_WAIT_SECONDS = 0.005
 UNSENT_MAX = 100_000
 # A rebuild waits this long before it reads the ledger: every node's writer flushes its rows
 # every 0.1 s, so rows other nodes still held when the counter went missing reach Postgres
@@ -196,6 +200,8 @@ class SpendBook:
                 raise GatewayError(Code.RATE_LIMIT_EXCEEDED)
             return
         assert team is not None
+        if self._counts:
+            self._queue_counts()  # in front of the judgment, in the same pipeline
         periods = self._periods_at(datetime.now(UTC))
         key_day_cap, team_day_cap, team_month_cap = caps_of(limits)
         for attempt in (1, 2):
@@ -431,17 +437,33 @@ class SpendBook:
             self._sender = asyncio.create_task(self._send(), name="spend-counts")
 
     async def _send(self) -> None:
+        """The counts no judgment took along, after COUNT_WAIT_SECONDS."""
         try:
             while self._counts:
-                counts, self._counts = self._counts, {}
-                unsent, self._unsent = self._unsent, 0
-                try:
-                    await self.store.add_spend(_entries(counts))
-                except GatewayError:
-                    self._requeue(counts, unsent)
+                await asyncio.sleep(COUNT_WAIT_SECONDS)
+                if self._counts and not await self._queue_counts():
                     await asyncio.sleep(UNSENT_RETRY_SECONDS)
         finally:
             self._sender = None
+
+    def _queue_counts(self) -> asyncio.Future[bool]:
+        """The queued counts into the Redis batch now (before any call made after this); the
+        future: whether they were counted (on an error they are queued again)."""
+        counts, self._counts = self._counts, {}
+        unsent, self._unsent = self._unsent, 0
+        sent = self.store.queue_spend(_entries(counts))
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settled(future: asyncio.Future[Any]) -> None:
+            failed = future.cancelled() or future.exception() is not None
+            if failed:
+                self._requeue(counts, unsent)
+                if self._sender is None and self._counts:
+                    self._sender = asyncio.create_task(self._send(), name="spend-counts")
+            done.set_result(not failed)
+
+        sent.add_done_callback(settled)
+        return done
 
     def _requeue(self, counts: dict[tuple[str, str, str, str], list[int]], unsent: int) -> None:
         if self._unsent + unsent > UNSENT_MAX:

@@ -296,7 +296,7 @@ async def test_a_late_record_write_does_not_bring_back_a_closed_socket(
         return bool(await store.redis.exists(record) == 0)
 
     await eventually(released)
-    store.update_session(opened["id"], {**opened, "model": MODEL, "turns": 1})
+    store.update_session(opened["id"], lambda: {**opened, "model": MODEL, "turns": 1})
     await store.flush_session_infos()
     assert await store.redis.exists(record) == 0
     assert (await admin(gateway, "GET", "/sessions"))["data"] == []

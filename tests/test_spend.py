@@ -33,6 +33,7 @@ from conftest import (
 from services import RedisServer, fresh_redis_prefix
 from test_ws_checks import assert_error
 
+from app import spend
 from app.keystore import KeyStore
 from app.models import Limits
 from app.server import create_app
@@ -227,6 +228,26 @@ async def test_a_month_budget_and_a_key_day_budget_refuse_too(
         assert (await one_turn(ws2))["type"] == "error"
         await ws.close()
         await ws2.close()
+
+
+async def test_a_node_s_counts_ride_in_front_of_its_next_judgment(
+    gateway: Gateway, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished response's count goes to Redis in front of the node's next judgment, not only
+    after COUNT_WAIT_SECONDS: with the wait a minute long, a budget of 1.5 responses still
+    serves two and refuses the third (counts that waited for their timer would serve three)."""
+    monkeypatch.setattr(spend, "COUNT_WAIT_SECONDS", 60.0)
+    cost, _ = await measured_cost(gateway)
+    cap = float(cost * Decimal("1.5"))
+    await set_limits(tenant, usd_per_day_per_team=cap)
+    await wait_for_limits(gateway, tenant.team.id, usd_per_day_per_team=cap)
+    async with aiohttp.ClientSession() as http:
+        ws = await ws_of(http, gateway, tenant.key)
+        events = [await one_turn(ws) for _ in range(3)]
+        await ws.close()
+    kinds = [e["type"] for e in events]
+    assert kinds == ["response.completed"] * 2 + ["error"], [e.get("error") for e in events]
+    assert_error(events[2], "insufficient_quota", 429, etype="insufficient_quota")
 
 
 async def test_tokens_per_minute_refuse_with_rate_limit_exceeded(
