@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Literal, cast
 
 import aiohttp
@@ -144,19 +145,31 @@ class ClientLink:
 
     # -- reads and closes -----------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[None]:
-        """The reader's side of the close hand-over, around the loop that reads client frames:
-        a cancellation that is `close`'s hand-over alone ends in the close it was for."""
+    def reading(self) -> ClientLink:
+        """The reader's side of the close hand-over, around the loop that reads client frames
+        (`async with link.reading():`): a cancellation that is `close`'s hand-over alone ends in
+        the close it was for. The link is its own context manager, not a generator-based one:
+        a generator would be kept, suspended, for the socket's whole life."""
+        return self
+
+    async def __aenter__(self) -> None:
         self._reader = asyncio.current_task()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
         try:
-            yield
-        except asyncio.CancelledError:
+            if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
+                return False
             reader = self._reader
             # Not the hand-over (aiohttp cancelling the handler of a lost connection): go on.
             if self._handed_over is None or reader is None or reader.uncancel() != 0:
-                raise
+                return False
             await self._close_ws()
+            return True
         finally:
             self._parked = False
             if self._handed_over is not None:

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app import logs, metrics
 from app.clientlink import CLOSE_HANDSHAKE_SECONDS
 from app.errors import Code, GatewayError
-from app.http import error_response
+from app.http import answers_own_errors, error_response
 from app.node import NODE, Node
 from app.protocol import normalize_query_model
 from app.session import Session, new_socket_id
@@ -25,6 +25,7 @@ def _refuse(err: GatewayError, headers: dict[str, str] | None = None) -> web.Res
     return error_response(err, headers)
 
 
+@answers_own_errors
 async def responses_ws(request: web.Request) -> web.StreamResponse:
     """`GET /v1/responses/ws` and `GET /v1/responses`: the handshake, in the contract's order."""
     node = request.app[NODE]

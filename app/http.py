@@ -25,9 +25,26 @@ def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> 
     )
 
 
+# Handlers that answer every error themselves (the WebSocket handshake): the middleware hands
+# their requests on without a coroutine of its own, which a socket would keep all its life.
+_ANSWER_OWN_ERRORS: set[Handler] = set()
+
+
+def answers_own_errors(handler: Handler) -> Handler:
+    """Mark a handler that raises none of the errors `errors_middleware` shapes."""
+    _ANSWER_OWN_ERRORS.add(handler)
+    return handler
+
+
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def errors_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """Every HTTP error body has OpenAI's shape, an unknown route's 404 included."""
+    if request.match_info.handler in _ANSWER_OWN_ERRORS:
+        return handler(request)
+    return _shaped_errors(request, handler)
+
+
+async def _shaped_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as err:

@@ -47,6 +47,15 @@ class MemoryBudget:
 
 
 class ConversationMemory:
+    __slots__ = (
+        "budget",
+        "dropped_response_id",
+        "items",
+        "last_response_id",
+        "limit_bytes",
+        "size",
+    )
+
     def __init__(self, limit_bytes: int, budget: MemoryBudget | None = None) -> None:
         self.limit_bytes = limit_bytes
         self.budget = budget

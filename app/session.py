@@ -70,6 +70,29 @@ def now_utc() -> datetime:
 
 
 class Session:
+    __slots__ = (
+        "__weakref__",
+        "_close_after_turn",
+        "_last_activity",
+        "_limits",
+        "_limits_close",
+        "_opened_monotonic",
+        "client",
+        "close_code",
+        "close_reason",
+        "closed_by",
+        "id",
+        "in_flight",
+        "model",
+        "node",
+        "opened_at",
+        "principal",
+        "state",
+        "turn",
+        "turns",
+        "upstream",
+    )
+
     def __init__(
         self,
         node: Node,
@@ -175,7 +198,9 @@ class Session:
                 except UnicodeDecodeError:
                     await self.close(1007, "Invalid UTF-8 text message")
                     return
+                del data
                 await self.on_text(text)
+                del text
             elif msg.type is WSMsgType.BINARY:
                 if len(msg.data) > self.node.settings.max_frame_bytes:
                     await self.close(1009, "frame larger than the limit")
@@ -197,6 +222,8 @@ class Session:
                 return
             else:  # CLOSING (this gateway's own close, handed over), CLOSED (connection gone)
                 return
+            # An idle socket waits in `receive` for weeks: it keeps no frame it read.
+            del msg
             if self.state in (State.CLOSING, State.CLOSED):
                 return
 

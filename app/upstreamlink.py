@@ -98,6 +98,21 @@ class TurnOwner(Protocol):
 
 
 class UpstreamLink:
+    __slots__ = (
+        "_last_frame_at",
+        "_reader",
+        "_silence",
+        "_watchdog",
+        "client",
+        "conn",
+        "last_close",
+        "memory",
+        "node",
+        "owner",
+        "raw",
+        "team_id",
+    )
+
     def __init__(self, owner: TurnOwner, node: Node, client: ClientLink, team_id: str) -> None:
         # The session points at this link and this link at the session: the session drops the
         # link when it ends (`Session._finish`), so refcounting frees both.
@@ -318,6 +333,7 @@ class UpstreamLink:
                     reason = f"upstream connection failed ({type(msg.data).__name__})"
                 await self._lost(conn, code, reason)
                 return
+            del msg  # an idle socket keeps no event (the last was the terminal one, the largest)
 
     async def _forward(self, conn: UpstreamConn | None, text: str) -> bool:
         """One upstream event (`conn` None: from the HTTP fallback); False when the client is

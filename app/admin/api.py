@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import orjson
@@ -69,13 +69,20 @@ def token_ok(given: str | None, expected: str | None) -> bool:
 
 
 @web.middleware
-async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def admin_auth_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    # Other paths are handed on without a coroutine of this middleware's own, which a
+    # WebSocket would keep all its life.
     if is_admin_path(request.path):
-        refusal = _admin_refusal(request)
-        if refusal is not None:
-            metrics.count_error(refusal.code)
-            headers = {"WWW-Authenticate": 'Bearer realm="gateway-admin"'}
-            return error_response(refusal, headers if refusal.status == 401 else None)
+        return _admin_guarded(request, handler)
+    return handler(request)
+
+
+async def _admin_guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    refusal = _admin_refusal(request)
+    if refusal is not None:
+        metrics.count_error(refusal.code)
+        headers = {"WWW-Authenticate": 'Bearer realm="gateway-admin"'}
+        return error_response(refusal, headers if refusal.status == 401 else None)
     return await handler(request)
 
 

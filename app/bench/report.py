@@ -21,7 +21,7 @@ SIM_CPU = "  simulator CPU-s per 1,000 events"
 CLIENT_CPU = "  bench client CPU-s per 1,000 events"
 ERRORS = "error events"
 
-KIB = 1024
+KIB = 1024  # RSS per socket is in KiB (VmRSS is in KiB too)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -73,7 +73,7 @@ def _cpu(value: float | None) -> str:
 
 
 def _kib(value: float | None) -> str:
-    return "-" if value is None else f"{value / KIB:.1f} KB"
+    return "-" if value is None else f"{value / KIB:.1f} KiB"
 
 
 Row = tuple[str, Callable[[Figures], float | None], Callable[[float | None], str]]
@@ -162,7 +162,7 @@ def targets(f: dict[str, Figures], paced: str, handshake_ms: float) -> list[Verd
     check(
         None if gw.rss_per_socket is None else gw.rss_per_socket / KIB,
         lambda v: v <= 36,
-        "RSS per idle session through the gateway = {:.1f} KB (target <= 36 KB)",
+        "RSS per idle session through the gateway = {:.1f} KiB (target <= 36 KiB)",
     )
     check(
         ratio(gw.handshakes_per_s, relay.handshakes_per_s),

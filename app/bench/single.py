@@ -30,7 +30,7 @@ async def bench_one(plan: Plan, url: str, key: str, pid: int | None) -> None:
             timeout=plan.timeout,
         )
         kib = rss.per_socket / report.KIB
-        _line(report.RSS, f"{kib:.1f} KB", f"({rss.sockets} sockets)")
+        _line(report.RSS, f"{kib:.1f} KiB", f"({rss.sockets} sockets)")
     else:
         _line(report.RSS, "-", no_pid if pid is None else "(--idle-sockets 0)")
     if plan.handshakes:
