@@ -99,6 +99,7 @@ class TurnOwner(Protocol):
 
 class UpstreamLink:
     __slots__ = (
+        "_ending",
         "_last_frame_at",
         "_reader",
         "_silence",
