@@ -11,7 +11,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -24,7 +23,7 @@ from app.node import NODE, Node
 from app.protocol import PROVIDER_PREFIX, check_fields, check_model, parse_json_object
 from app.routing import check_route
 from app.turnpolicy import TERMINAL
-from app.upstream import HttpReply, UpstreamUnreachable, post_http
+from app.upstream import UNREACHABLE, HttpReply, UpstreamUnreachable, post_http
 from app.usage import charge
 
 Transport = Literal["http", "compact"]
@@ -232,7 +231,7 @@ async def _relay_sse(
                 break
         else:
             await resp.write_eof()
-    except (UpstreamUnreachable, aiohttp.ClientError):
+    except UNREACHABLE:
         # The upstream stream broke (recorded as an error below), or the client left as it
         # ended (aiohttp's ClientConnectionResetError from write_eof).
         pass

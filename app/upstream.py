@@ -110,7 +110,7 @@ async def open_upstream(
 
 # What aiohttp raises when OpenAI cannot be reached or its answer breaks off (its own errors wrap
 # the socket's OSError; a read past `sock_read` is a TimeoutError).
-_UNREACHABLE = (aiohttp.ClientError, OSError, TimeoutError)
+UNREACHABLE = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 class UpstreamUnreachable(Exception):
@@ -145,17 +145,15 @@ class HttpReply:
         customer's own content, left as it came."""
         try:
             raw = await self._resp.read()
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise UpstreamUnreachable(type(exc).__name__) from exc
         return redact_bytes(raw, (self._credential,)) if self._resp.status >= 400 else raw
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, each chunk as it was read."""
-        try:
-            async for chunk in self._resp.content.iter_any():
-                yield chunk
-        except _UNREACHABLE as exc:
-            raise UpstreamUnreachable(type(exc).__name__) from exc
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, each chunk as it was read: aiohttp's own iterator (a relay's
+        hot loop; no generator of ours in between), so a break-off raises what aiohttp raises,
+        one of `UNREACHABLE`."""
+        return self._resp.content.iter_any()
 
     async def events(self) -> AsyncIterator[sse.Event]:
         """The body's server-sent events, in order, as they arrive."""
@@ -167,7 +165,7 @@ class HttpReply:
                     event = decoder.line(raw)
                     if event is not None:
                         yield event
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise UpstreamUnreachable(type(exc).__name__) from exc
 
 
@@ -196,7 +194,7 @@ async def post_http(
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=sock_read),
         )
-    except _UNREACHABLE as exc:
+    except UNREACHABLE as exc:
         raise UpstreamUnreachable(type(exc).__name__) from exc
     async with resp:
         yield HttpReply(resp, credential)
