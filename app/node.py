@@ -8,7 +8,7 @@ import os
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +32,16 @@ log = logging.getLogger("gateway.node")
 
 # Sockets whose slot leases are renewed in one Redis pipeline (4 commands each).
 LEASE_CHUNK = 32
+# The longest time between two looks at the upstreams with a turn in flight for silence (a
+# quarter of GATEWAY_UPSTREAM_IDLE_SECONDS when that is shorter): a turn ends at most this long
+# after its upstream has been silent for the setting.
+SILENCE_SWEEP_MAX_SECONDS = 5.0
+
+
+class Watched(Protocol):
+    """An upstream link with a turn sent (app/upstreamlink.py)."""
+
+    def check_silence(self, now: float, idle: float) -> bool: ...
 
 
 class Node:
@@ -55,6 +65,10 @@ class Node:
         self.spend = SpendBook(store, sums, ledger)
         self._lease_task: asyncio.Task[None] | None = None
         self._renewals = _RenewalStreak()
+        # Links with a turn sent, looked at for silence by one sweep (a timer per socket held
+        # half a KiB for each idle socket long after its turn); a link leaves when its turn has.
+        self.watched: set[Watched] = set()
+        self._silence_task: asyncio.Task[None] | None = None
 
     def credential(self, name: str) -> str | None:
         """The upstream key a team's credential NAME points at on this node, if set."""
@@ -133,11 +147,23 @@ class Node:
         await self.view.start()
         self.pool.start(self.http, self.pooled_credentials())
         self._lease_task = asyncio.create_task(self._refresh_leases(), name="leases")
+        self._silence_task = asyncio.create_task(self._watch_silence(), name="silence")
+
+    async def _watch_silence(self) -> None:
+        idle = self.settings.upstream_idle_seconds
+        while True:
+            await asyncio.sleep(min(idle / 4, SILENCE_SWEEP_MAX_SECONDS))
+            now = time.perf_counter()
+            for link in list(self.watched):
+                if not link.check_silence(now, idle):
+                    self.watched.discard(link)
 
     async def stop(self) -> None:
         await self.view.stop()
         if self._lease_task:
             self._lease_task.cancel()
+        if self._silence_task:
+            self._silence_task.cancel()
         await self.pool.close()
         await self.spend.close()
         if self.http:

@@ -426,8 +426,8 @@ class Session:
     def _check_limits(self) -> str | None:
         """Why the socket must close now (idle too long, lifetime reached), else None.
 
-        When nothing is due it re-arms the one timer for the nearest deadline, as the upstream
-        watchdog does: a client frame or a turn's end only stores a time. A response in flight is
+        When nothing is due it re-arms the one timer for the nearest deadline: a client frame or
+        a turn's end only stores a time. A response in flight is
         never cut: the idle deadline counts from the end of the turn, and a lifetime reached
         mid-response closes the socket right after its terminal event (like a drain).
         """

@@ -10,7 +10,8 @@ The wire is app/upstream.py; this is what a session does with it:
 - The few events and closes that end or redirect a turn are judged by app/turnpolicy.py and the
   verdict is carried out here: a retry, the HTTP fallback, the memory forgetting or growing, and
   the turn's end, which the session records (`TurnOwner.end_turn`).
-- A watchdog ends a turn whose upstream has been silent for `GATEWAY_UPSTREAM_IDLE_SECONDS`.
+- The node's silence sweep (`check_silence`) ends a turn whose upstream has been silent for
+  `GATEWAY_UPSTREAM_IDLE_SECONDS`.
 
 Every write to the client goes through the session's `ClientLink` (app/clientlink.py); each
 forwarded event is counted once, by its turn's `EventTally.forwarded` (app/metrics.py).
@@ -103,7 +104,6 @@ class UpstreamLink:
         "_last_frame_at",
         "_reader",
         "_silence",
-        "_watchdog",
         "client",
         "conn",
         "last_close",
@@ -129,7 +129,6 @@ class UpstreamLink:
         self._reader: asyncio.Task[None] | None = None
         self.last_close: tuple[int | None, str | None] = (None, None)  # for the ledger
         self._last_frame_at = time.perf_counter()
-        self._watchdog: asyncio.TimerHandle | None = None
         self._silence: asyncio.Task[None] | None = None
         # A terminal event `raw_frame` took: the turn ends in `raw_write`, once it is written.
         self._ending: tuple[Turn, str, dict[str, Any], str | None] | None = None
@@ -159,7 +158,7 @@ class UpstreamLink:
         turn.sent_previous_id = body.get("previous_response_id")
         turn.sent_input = as_items(body.get("input")) or []
         self._last_frame_at = time.perf_counter()
-        self._arm_watchdog()
+        self.node.watched.add(self)
         try:
             await conn.send(body)
         except (ConnectionError, RuntimeError, aiohttp.ClientError):
@@ -211,28 +210,20 @@ class UpstreamLink:
 
     # -- silence --------------------------------------------------------------------------------
 
-    def _arm_watchdog(self) -> None:
-        """One timer per idle period, not one per frame (a timer per frame cost 20% of the
-        hot path under load): it re-arms itself until the upstream has been silent too long."""
-        if self._watchdog is None:
-            idle = self.node.settings.upstream_idle_seconds
-            self._watchdog = asyncio.get_running_loop().call_later(idle, self._watchdog_fired)
-
-    def _watchdog_fired(self) -> None:
-        self._watchdog = None
+    def check_silence(self, now: float, idle: float) -> bool:
+        """The node's sweep (`Node.watched`; no timer per socket, none per frame): ends the turn
+        in flight when its upstream has been silent `idle` seconds. False: nothing to watch
+        any more (no turn in flight on an upstream socket, or it was just ended)."""
         turn = self.owner.turn
         if turn is None or turn.conn is None or not self.owner.in_flight:
-            return
-        idle = self.node.settings.upstream_idle_seconds
-        silent = time.perf_counter() - self._last_frame_at
-        if silent < idle:
-            loop = asyncio.get_running_loop()
-            self._watchdog = loop.call_later(idle - silent, self._watchdog_fired)
-            return
+            return False
+        if now - self._last_frame_at < idle:
+            return True
         reason = f"upstream silent for {idle:g} s"
         self._silence = asyncio.create_task(
             self._lost(turn.conn, 1006, reason, abort=True), name=f"silent-{self.owner.id}"
         )
+        return False
 
     # -- the raw path (app/rawpath.py) ----------------------------------------------------------
 
@@ -520,8 +511,7 @@ class UpstreamLink:
     def detach(self) -> UpstreamConn | None:
         """The session ended: stop reading and watching, let the memory go. Returns the socket
         still to close (after the session is recorded), if one is open."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self.node.watched.discard(self)
         # The reader task's CancelledError holds its frame (this link, and so the session).
         reader, self._reader = self._reader, None
         if reader is not None:
