@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -57,6 +58,12 @@ class Limits(BaseModel):
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def _allowed(patterns: tuple[str, ...], model: str) -> bool:
+    """`Team.allows`, remembered: a team's patterns and its models are few, and every turn asks."""
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
 class Team(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,7 +80,7 @@ class Team(BaseModel):
     limits: Limits = Field(default_factory=Limits)
 
     def allows(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.allowed_models)
+        return _allowed(tuple(self.allowed_models), model)
 
 
 class OldSecret(BaseModel):

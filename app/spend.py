@@ -87,6 +87,13 @@ def nano_usd(usd: Decimal | float) -> int:
     return int((value * NANO).to_integral_value(ROUND_HALF_UP))
 
 
+@functools.lru_cache(maxsize=4096)
+def cap_nano(cap: float) -> int:
+    """A limit's USD cap in nano-USD: `nano_usd`, remembered (a team's caps are a few values
+    read at every turn; Decimal arithmetic each time cost more than the rest of the check)."""
+    return nano_usd(cap)
+
+
 def usd(nano: int) -> float:
     """Nano-USD as USD to the micro-dollar (the contract's precision)."""
     return float((Decimal(nano) / NANO).quantize(Decimal("0.000001"), ROUND_HALF_UP))
@@ -123,9 +130,9 @@ class Periods:
 def caps_of(limits: Limits) -> tuple[int, int, int]:
     """A team's spend caps in nano-USD (key's day, team's day, team's month); 0 is none."""
     return (
-        nano_usd(limits.usd_per_day_per_key),
-        nano_usd(limits.usd_per_day_per_team),
-        nano_usd(limits.usd_per_month_per_team),
+        cap_nano(limits.usd_per_day_per_key),
+        cap_nano(limits.usd_per_day_per_team),
+        cap_nano(limits.usd_per_month_per_team),
     )
 
 
@@ -279,10 +286,10 @@ class SpendBook:
         ):
             if not cap or spent is None:
                 continue
-            cap_nano = nano_usd(cap)
-            metrics.budget_used(team.id, name).set(spent / cap_nano)
+            cap_in_nano = cap_nano(cap)
+            metrics.budget_used(team.id, name).set(spent / cap_in_nano)
             self._gauges[(team.id, name)] = ends
-            if spent >= cap_nano and refusal is None:
+            if spent >= cap_in_nano and refusal is None:
                 refusal = quota_error(f"Team {team.id!r}", name, spent, cap, period, ends)
         return refusal
 
