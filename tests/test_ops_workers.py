@@ -125,8 +125,9 @@ async def _listening(proc: asyncio.subprocess.Process, out: Path, err: Path) -> 
 
 
 async def scrape(http: aiohttp.ClientSession, served: Served) -> dict[str, float]:
-    """Every sample of one /metrics answer, keyed `name{label="value",…}` (labels sorted)."""
-    async with http.get(served.url("/metrics")) as resp:
+    """Every sample of one /metrics answer, keyed `name{label="value",…}` (labels sorted). A
+    connection of its own: a kept-alive one may lead to a worker a test has just killed."""
+    async with http.get(served.url("/metrics"), headers={"Connection": "close"}) as resp:
         assert resp.status == 200
         text = await resp.text()
     samples: dict[str, float] = {}
@@ -138,7 +139,7 @@ async def scrape(http: aiohttp.ClientSession, served: Served) -> dict[str, float
 
 
 async def session_nodes(http: aiohttp.ClientSession, served: Served) -> list[str]:
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Connection": "close"}  # see scrape
     async with http.get(served.url("/admin/v1/sessions"), headers=headers) as resp:
         assert resp.status == 200
         return [s["node"] for s in (await resp.json())["data"]]
