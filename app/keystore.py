@@ -283,6 +283,10 @@ class _Batcher:
         self._queue: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending = False
+        # Scripts this batcher has loaded: a script's first batch loads it first, so no call of
+        # a batch fails with NOSCRIPT while later ones run (a count sent again after the
+        # judgement behind it would be a count that judgement missed).
+        self._loaded: set[str] = set()
         # Calls with a deadline, oldest first (every deadline is RATE_LIMIT_DEADLINE_SECONDS), and
         # the one timer that fails those past it: an `asyncio.timeout` around each call cost a
         # turn about 4 us.
@@ -346,9 +350,15 @@ class _Batcher:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
+            for script, _args, _future in batch:
+                if script is not None and script.sha not in self._loaded:
+                    script.sha = await self._load(script.script)
+                    self._loaded.add(script.sha)
             results = await self._execute(batch)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
+                # Redis lost its scripts (a restart, a failover): loaded again, the calls that
+                # failed are sent again, after the rest of their batch (for this batch only).
                 for script in {id(batch[i][0]): batch[i][0] for i in missing}.values():
                     if script is not None:
                         script.sha = await self._load(script.script)

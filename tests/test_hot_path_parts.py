@@ -34,7 +34,7 @@ from conftest import REDIS_CLUSTER, Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import ConnectionPool
 
-from app import ids, logs, metrics
+from app import ids, keystore, logs, metrics
 from app.auth.principal import Principal, hash_secret, secret_status
 from app.errors import Code
 from app.keystore import (
@@ -44,6 +44,7 @@ from app.keystore import (
     KeyStore,
 )
 from app.models import ApiKey, OldSecret, Team, utcnow
+from app.spend import Periods
 from app.view import NodeView
 
 
@@ -236,6 +237,49 @@ async def test_nodes_together_never_pass_the_limit(redis_url: str, redis_prefix:
         finally:
             for store in nodes:
                 await store.close()
+
+
+async def test_a_script_s_first_batch_loads_it_before_the_calls_behind_it_run(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A spend count and the judgement behind it in one batch, the count's script new to Redis:
+    the judgement sees the count. (Sent as it was, the count failed with NOSCRIPT while the
+    judgement ran, and went again after it.)"""
+    store = KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER)
+    try:
+        # The count script with a comment of its own: a SHA this Redis has never loaded.
+        store._add = store.redis.register_script(f"{keystore._ADD}\n-- {uuid.uuid4().hex}")
+        periods = Periods.at(datetime.now(UTC))
+        key_id, team_id = f"k-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"
+        later = int((datetime.now(UTC) + timedelta(hours=1)).timestamp() * 1000)
+        await store.seed_counters(
+            [
+                (store.key_spend(key_id, periods.day), 0, later),
+                (store.team_spend(team_id, periods.day), 0, later),
+                (store.team_spend(team_id, periods.month), 0, later),
+            ]
+        )
+
+        async def judged() -> keystore.Judged:
+            return await store.judge_spend(
+                key_id,
+                team_id,
+                responses=0,
+                tokens=0,
+                key_day_cap=0,
+                team_day_cap=10**12,
+                team_month_cap=0,
+                day=periods.day,
+                month=periods.month,
+            )
+
+        assert (await judged()).team_day == 0  # the judgement's script is loaded from here on
+        count = store.queue_spend([(key_id, team_id, periods.day, periods.month, 1000, 0)])
+        seen = await judged()  # in the count's batch, behind it
+        await count
+        assert seen.team_day == 1000, seen
+    finally:
+        await store.close()
 
 
 async def test_spares_are_given_back_when_the_store_closes(
