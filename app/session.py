@@ -318,11 +318,8 @@ class Session:
         response: dict[str, Any] | None = None,
     ) -> None:
         """Record a finished turn, then (if the socket is open) tell the client and go IDLE."""
-        if self.turn is not turn:
+        if not self._leave(turn):
             return
-        self.turn = None
-        if self.state is State.IN_FLIGHT:
-            self._transition(State.IDLE)
         if error is not None:
             metrics.count_error(error.code)
             await self._send_error(error, turn.frame.stream_id)
@@ -338,12 +335,17 @@ class Session:
     def end_turn_now(self, turn: Turn, status: str, response: dict[str, Any]) -> None:
         """`end_turn` of a turn whose terminal event went out on the raw path (no error to send;
         the raw path checked `ends_quietly` in the same call)."""
+        if self._leave(turn):
+            self._record_turn(turn, status, response)
+
+    def _leave(self, turn: Turn) -> bool:
+        """`turn` is no longer in flight (False: it was not the session's turn)."""
         if self.turn is not turn:
-            return
+            return False
         self.turn = None
         if self.state is State.IN_FLIGHT:
             self._transition(State.IDLE)
-        self._record_turn(turn, status, response)
+        return True
 
     def _abort_turn(self, status: str) -> None:
         turn = self.turn

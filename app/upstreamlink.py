@@ -131,7 +131,7 @@ class UpstreamLink:
         self._last_frame_at = time.perf_counter()
         self._silence: asyncio.Task[None] | None = None
         # A terminal event `raw_frame` took: the turn ends in `raw_write`, once it is written.
-        self._ending: tuple[Turn, str, dict[str, Any], str | None] | None = None
+        self._ending: tuple[Turn, str, dict[str, Any]] | None = None
 
     # -- a turn's request -----------------------------------------------------------------------
 
@@ -272,9 +272,7 @@ class UpstreamLink:
                 return False
             if not isinstance(event, dict):
                 return False
-            found = event.get("response")
-            response = found if isinstance(found, dict) else {}
-            self._ending = (turn, kind.decode(), response, _response_id(event))
+            self._ending = (turn, kind.decode(), event)
         return True
 
     def raw_write(self, frames: bytes, count: int, received: float) -> None:
@@ -286,13 +284,10 @@ class UpstreamLink:
         transport.write(frames)
         turn.tally.forwarded(received, count)
         if self._ending is not None:
-            ended, kind, response, response_id = self._ending
+            ended, kind, event = self._ending
             self._ending = None
-            ended.response_id = response_id or ended.response_id
-            verdict = turnpolicy.on_terminal(kind, response)
-            output = response.get("output")
-            self._settle_memory(ended, verdict.chain, output if isinstance(output, list) else [])
-            self.owner.end_turn_now(ended, verdict.status, response)
+            response = _response_of(event)
+            self.owner.end_turn_now(ended, self._settle_terminal(ended, kind, response), response)
 
     # -- aiohttp's path -------------------------------------------------------------------------
 
@@ -366,15 +361,11 @@ class UpstreamLink:
         if kind in TERMINAL:
             if turn is None:
                 return None
-            found = event.get("response")
-            response: dict[str, Any] = found if isinstance(found, dict) else {}
-            turn.response_id = _response_id(event) or turn.response_id
+            response = _response_of(event)
             if not await self._deliver(turn, text, received):
                 return False
-            verdict = turnpolicy.on_terminal(kind, response)
-            output = response.get("output")
-            self._settle_memory(turn, verdict.chain, output if isinstance(output, list) else [])
-            await self.owner.end_turn(turn, verdict.status, response=response)
+            status = self._settle_terminal(turn, kind, response)
+            await self.owner.end_turn(turn, status, response=response)
             return True
         return await self._on_error(conn, turn, event, text, received)
 
@@ -417,6 +408,16 @@ class UpstreamLink:
         metrics.count_error(str(code or "upstream_error"))
         await self.owner.end_turn(turn, verdict.status)
         return ok
+
+    def _settle_terminal(self, turn: Turn, kind: str, response: dict[str, Any]) -> str:
+        """A terminal event of `turn` (either path): its response id, the memory; the status."""
+        found = response.get("id")
+        if isinstance(found, str):
+            turn.response_id = found  # else the one `response.created` gave, if any
+        verdict = turnpolicy.on_terminal(kind, response)
+        output = response.get("output")
+        self._settle_memory(turn, verdict.chain, output if isinstance(output, list) else [])
+        return verdict.status
 
     def _settle_memory(self, turn: Turn, chain: Chain, output: list[Any] | None = None) -> None:
         if chain is Chain.FORGET:
@@ -523,9 +524,11 @@ class UpstreamLink:
         return conn
 
 
+def _response_of(event: dict[str, Any]) -> dict[str, Any]:
+    found = event.get("response")
+    return found if isinstance(found, dict) else {}
+
+
 def _response_id(event: dict[str, Any]) -> str | None:
-    response = event.get("response")
-    if isinstance(response, dict):
-        value = response.get("id")
-        return value if isinstance(value, str) else None
-    return None
+    value = _response_of(event).get("id")
+    return value if isinstance(value, str) else None
