@@ -292,6 +292,7 @@ class _Batcher:
         # turn about 4 us.
         self._deadlines: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def call(
         self,
@@ -327,7 +328,12 @@ class _Batcher:
         return self._queued(None, args)
 
     def _queued(self, script: AsyncScript | None, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        # The loop, remembered: `asyncio.get_running_loop()` makes a getpid(2) call on Python
+        # 3.11, once per turn here. A batcher serves one loop at a time (its connections do);
+        # one that is no longer running (a test's) is replaced by the one running now.
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, args, future))
         if len(self._queue) == 1 and not self._sending:
@@ -502,6 +508,9 @@ class KeyStore:
         self._add = self.redis.register_script(_ADD)
         self._judge_all = self.redis.register_script(_JUDGE_ALL)
         self._batch = _Batcher(self.redis, cluster=cluster, timeout=HANDSHAKE_DEADLINE_SECONDS)
+        # The session records' rewrites, batched apart: a chunk of them never waits in front of
+        # a turn's judgment (one batch is in flight at a time per batcher).
+        self._records = _Batcher(self.redis, cluster=cluster, timeout=HANDSHAKE_DEADLINE_SECONDS)
         self._releases: list[tuple[str, str, str]] = []  # key id, team id, socket id
         self._releaser: asyncio.Task[None] | None = None
         # socket id -> its changed session record, made when written
@@ -578,6 +587,7 @@ class KeyStore:
             await self.flush_releases()
         await _cancelled(self._info_writer)  # the records go with their sockets' releases
         await self._batch.close()
+        await self._records.close()
         await self.redis.aclose()
 
     async def _call(self, op: Awaitable[_T], deadline: float | None = None) -> _T:
@@ -1271,11 +1281,18 @@ class KeyStore:
         # flush was already dropped from the batch by release_socket.)
         records = list(batch.items())
         for start in range(0, len(records), SESSION_INFO_CHUNK):  # never one huge pipeline
-            async with self._pipeline(transaction=False) as pipe:
-                for socket_id, info in records[start : start + SESSION_INFO_CHUNK]:
-                    record = orjson.dumps(info())
-                    pipe.set(self.session_record(socket_id), record, px=LEASE_MS, xx=True)
-                await self._call(pipe.execute())
+            writes = [
+                self._records.command(
+                    "SET",
+                    self.session_record(socket_id),
+                    orjson.dumps(info()),
+                    "PX",
+                    LEASE_MS,
+                    "XX",
+                )
+                for socket_id, info in records[start : start + SESSION_INFO_CHUNK]
+            ]
+            await self._call(asyncio.gather(*writes))
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         now = int(time.time() * 1000)

@@ -116,6 +116,9 @@ class ApiKey(BaseModel):
         }
 
 
+_MILLION = Decimal(1_000_000)
+
+
 class Price(BaseModel):
     """USD per million tokens."""
 
@@ -140,14 +143,25 @@ class Price(BaseModel):
             else self.cached_input_per_mtok
         )
 
+    @functools.cached_property
+    def scaled(self) -> tuple[int, int, int, int]:
+        """The three prices as integers at the smallest exponent among them, and that exponent:
+        `cost` sums integers, then makes one Decimal of the same value and exponent as the
+        sum of Decimal products would have (six Decimal operations a turn cost 3 us)."""
+        prices = (self.input_per_mtok, self.cached, self.output_per_mtok)
+        exponent = min(int(p.as_tuple().exponent) for p in prices)
+        scaled = [int(p.scaleb(-exponent)) for p in prices]
+        return scaled[0], scaled[1], scaled[2], exponent
+
     def cost(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> Decimal:
         """CONTRACT.md §6; usage can be odd upstream, so figures are clamped first."""
         input_tokens = max(input_tokens, 0)
         cached_tokens = min(max(cached_tokens, 0), input_tokens)
         output_tokens = max(output_tokens, 0)
+        per_input, per_cached, per_output, exponent = self.scaled
         total = (
-            (input_tokens - cached_tokens) * self.input_per_mtok
-            + cached_tokens * self.cached
-            + output_tokens * self.output_per_mtok
+            (input_tokens - cached_tokens) * per_input
+            + cached_tokens * per_cached
+            + output_tokens * per_output
         )
-        return total / Decimal(1_000_000)
+        return Decimal(total).scaleb(exponent) / _MILLION

@@ -38,7 +38,12 @@ from redis.asyncio.sentinel import (
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-HEALTH_CHECK_SECONDS = 30
+# No PING before a command on a connection idle for a while: the pool already reads a connection
+# it hands out for EOF (`ensure_connection`) and reconnects, and both the key store's batches and
+# redis-py's retry send again once on a dropped connection. The check cost a `getpid(2)` per
+# reply read (redis-py takes the loop's time after each one; `asyncio.get_running_loop()` calls
+# getpid on Python 3.11): every turn judged by check 8 read one.
+HEALTH_CHECK_SECONDS = 0
 
 
 def parse_sentinels(text: str) -> list[tuple[str, int]]:

@@ -59,8 +59,8 @@ class HttpTurn:
         )
         duration = time.perf_counter() - self.started
         if accepted and self.model and status:
-            metrics.responses(self.model, status).inc()
-            metrics.RESPONSE_DURATION.observe(duration)
+            metrics.add(metrics.responses(self.model, status))
+            metrics.observe(metrics.RESPONSE_DURATION, duration)
         ttfe = None if self.first_byte is None else self.first_byte - self.started
         row = TurnRecord(
             socket_id=None,
@@ -179,7 +179,9 @@ async def _relay(request: web.Request, transport: Transport, path: str) -> web.S
 async def _relay_json(turn: HttpTurn, upstream: HttpReply, transport: Transport) -> web.Response:
     raw = await upstream.body()  # an error's redacted (OpenAI's 401 quotes the operator's key)
     turn.first_byte = time.perf_counter()
-    metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)  # as the ledger's ttfe
+    metrics.observe(
+        metrics.TIME_TO_FIRST_EVENT, turn.first_byte - turn.started
+    )  # as the ledger's ttfe
     try:
         value = orjson.loads(raw)
     except (orjson.JSONDecodeError, RecursionError, ValueError):
@@ -222,7 +224,7 @@ async def _relay_sse(
             if batch:
                 if turn.first_byte is None:
                     turn.first_byte = time.perf_counter()
-                    metrics.TIME_TO_FIRST_EVENT.observe(turn.first_byte - turn.started)
+                    metrics.observe(metrics.TIME_TO_FIRST_EVENT, turn.first_byte - turn.started)
                 status, final = _read(batch, status, final)
             try:
                 await resp.write(chunk)

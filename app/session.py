@@ -363,8 +363,8 @@ class Session:
         model = turn.frame.model
         usage = response.get("usage") if response else None
         usage_fields = charge(self.node.view.view.catalog, model, self.principal.team_id, usage)
-        metrics.responses(model, status).inc()
-        metrics.RESPONSE_DURATION.observe(duration)
+        metrics.add(metrics.responses(model, status))
+        metrics.observe(metrics.RESPONSE_DURATION, duration)
         tally = turn.tally
         tally.flush()
         ttfe = None if tally.first_event_at is None else tally.first_event_at - turn.started

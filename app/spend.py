@@ -287,7 +287,7 @@ class SpendBook:
             if not cap or spent is None:
                 continue
             cap_in_nano = cap_nano(cap)
-            metrics.budget_used(team.id, name).set(spent / cap_in_nano)
+            metrics.set_gauge(metrics.budget_used(team.id, name), spent / cap_in_nano)
             self._gauges[(team.id, name)] = ends
             if spent >= cap_in_nano and refusal is None:
                 refusal = quota_error(f"Team {team.id!r}", name, spent, cap, period, ends)
@@ -302,10 +302,10 @@ class SpendBook:
         for (team_id, name), ends in list(self._gauges.items()):
             team = teams.get(team_id)
             if team is None or not getattr(team.limits, name):
-                metrics.BUDGET_USED_RATIO.remove(team_id, name)
+                metrics.remove_budget_used(team_id, name)
                 del self._gauges[(team_id, name)]
             elif now >= ends:
-                metrics.budget_used(team_id, name).set(0)
+                metrics.set_gauge(metrics.budget_used(team_id, name), 0)
                 del self._gauges[(team_id, name)]
         limited = {team_id for team_id, team in teams.items() if team.limits.usd_limited}
         if self._limited is not None:
@@ -459,7 +459,7 @@ class SpendBook:
         counts, self._counts = self._counts, {}
         unsent, self._unsent = self._unsent, 0
         sent = self.store.queue_spend(_entries(counts))
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = sent.get_loop().create_future()
 
         def settled(future: asyncio.Future[Any]) -> None:
             failed = future.cancelled() or future.exception() is not None

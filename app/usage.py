@@ -34,11 +34,14 @@ def usage_figures(usage: object) -> Tokens | None:
 
 
 def count_usage(model: str, team: str, tokens: Tokens, cost: Decimal) -> None:
-    for kind, value in zip(("input", "cached_input", "output", "reasoning"), tokens, strict=True):
+    for kind, value in zip(_KINDS, tokens, strict=True):
         if value:
-            metrics.tokens(model, kind).inc(value)
+            metrics.add(metrics.tokens(model, kind), value)
     if cost > 0:
-        metrics.cost(team).inc(float(cost))
+        metrics.add(metrics.cost(team), cost)  # a Decimal, made a float when folded in
+
+
+_KINDS = ("input", "cached_input", "output", "reasoning")
 
 
 def charge(

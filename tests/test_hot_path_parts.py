@@ -25,6 +25,7 @@ import sys
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -49,6 +50,7 @@ from app.view import NodeView
 
 
 def _samples(histogram: Histogram) -> dict[tuple[str, str], float]:
+    metrics.PENDING.fold()  # as every read of the registry does first
     return {
         (s.name, s.labels.get("le", "")): s.value
         for family in histogram.collect()
@@ -80,6 +82,33 @@ def test_a_flushed_tally_equals_observing_each_value() -> None:
     for sample, value in want.items():
         assert got[sample] == pytest.approx(value), sample
     assert want[("_count", "")] == sum(1 + i % 3 for i in range(5000))
+
+
+def test_deferred_additions_show_in_every_read_of_the_registry() -> None:
+    """`metrics.add`, `observe` and `set_gauge` hold their figures until the registry is read:
+    `/metrics` and `get_sample_value` see them all, as if each had been applied at once."""
+    labels = {"model": "openai/deferred-test", "status": "completed"}
+    ratio = {"team": "deferred-test", "limit": "usd_per_day_per_team"}
+    count = ("gateway_time_to_first_event_seconds_count", {})
+    before = metrics.REGISTRY.get_sample_value(count[0]) or 0.0
+    for _ in range(3):
+        metrics.add(metrics.responses(labels["model"], labels["status"]))
+        metrics.observe(metrics.TIME_TO_FIRST_EVENT, 0.07)
+    metrics.add(metrics.cost("deferred-test"), Decimal("0.000125"))
+    metrics.set_gauge(metrics.budget_used(ratio["team"], ratio["limit"]), 0.25)
+    metrics.set_gauge(metrics.budget_used(ratio["team"], ratio["limit"]), 0.5)
+    assert metrics.REGISTRY.get_sample_value("gateway_responses_total", labels) == 3
+    assert metrics.REGISTRY.get_sample_value(count[0]) == before + 3
+    assert metrics.REGISTRY.get_sample_value(
+        "gateway_cost_usd_total", {"team": "deferred-test"}
+    ) == pytest.approx(0.000125)
+    assert metrics.REGISTRY.get_sample_value("gateway_budget_used_ratio", ratio) == 0.5
+    text = metrics.exposition().decode()
+    assert 'gateway_responses_total{model="openai/deferred-test",status="completed"} 3.0' in text
+    metrics.remove_budget_used(ratio["team"], ratio["limit"])
+    assert metrics.REGISTRY.get_sample_value("gateway_budget_used_ratio", ratio) is None
+    metrics.set_gauge(metrics.budget_used(ratio["team"], ratio["limit"]), 0.75)  # set again
+    assert metrics.REGISTRY.get_sample_value("gateway_budget_used_ratio", ratio) == 0.75
 
 
 def test_the_bisect_histogram_equals_prometheus_clients() -> None:
@@ -395,6 +424,7 @@ def test_ids_are_version_4_and_do_not_repeat_even_across_a_fork() -> None:
     made = [ids.uuid4() for _ in range(100_000)]
     assert len(set(made)) == len(made)
     assert {(u.version, u.variant) for u in made} == {(4, uuid.RFC_4122)}
+    assert all(uuid.UUID(str(u)) == u and u.is_safe is uuid.SafeUUID.unknown for u in made[:999])
     tokens = {ids.hex_token(8) for _ in range(10_000)}
     assert len(tokens) == 10_000 and all(len(t) == 16 for t in tokens)
     read_end, write_end = os.pipe()
