@@ -293,6 +293,8 @@ class _Batcher:
         self._deadlines: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: Any = None  # on one server: the connection the batches go out on (`_take`)
+        self._socket_timeout: float | None = None
 
     def call(
         self,
@@ -408,12 +410,13 @@ class _Batcher:
             args if script is None else ("EVALSHA", script.sha, *args)
             for script, args, _future in batch
         ]
-        pool = self._redis.connection_pool
         for attempt in (1, 2):
-            conn = await pool.get_connection()
+            conn = self._conn
+            if conn is None:
+                conn = await self._take()
             try:
                 async with asyncio.timeout(self._timeout):
-                    await conn.send_packed_command(conn.pack_commands(commands))
+                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                     replies: list[Any] = []
                     for _ in commands:
                         try:
@@ -422,23 +425,44 @@ class _Batcher:
                             replies.append(exc)
                     return replies
             except TimeoutError:  # an OSError too, but a hung Redis is not retried
-                await conn.disconnect()
+                await self._give_back(conn)
                 raise
             except (RedisConnectionError, OSError):
-                await conn.disconnect()
+                await self._give_back(conn)
                 if attempt == 2:
                     raise
             except BaseException:
-                await conn.disconnect()  # replies may be left unread: the connection is spent
+                await self._give_back(conn)  # replies may be left unread: the connection is spent
                 raise
-            finally:
-                await pool.release(conn)
         raise AssertionError("unreachable")
+
+    async def _take(self) -> Any:
+        """The connection the batches go out on, held from the pool until it fails (one batch
+        is in flight at a time): a checkout per batch (its lock, its timer, its liveness read)
+        cost more than a small batch's commands. Its socket timeout is lifted while held, as
+        the batch has its own (`_execute`): redis-py wraps each write in `asyncio.wait_for`
+        when a connection has one, a task per batch."""
+        conn = await self._redis.connection_pool.get_connection()
+        self._conn, self._socket_timeout = conn, conn.socket_timeout
+        conn.socket_timeout = None
+        return conn
+
+    async def _give_back(self, conn: Any) -> None:
+        """Disconnected (a failed batch may have left replies unread) and back to the pool."""
+        if self._conn is conn:
+            self._conn = None
+        conn.socket_timeout = self._socket_timeout
+        try:
+            await conn.disconnect()
+        finally:
+            await self._redis.connection_pool.release(conn)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await task
+        if self._conn is not None:
+            await self._give_back(self._conn)
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
@@ -456,7 +480,7 @@ class _HiredisPacking:
     packing, and so do its refusals (`DataError`)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if all(type(arg) in _PACKABLE for arg in args):
+        if _PACKABLE.issuperset(map(type, args)):  # in C: no generator step per argument
             first = args[0]
             if (type(first) is str and " " in first) or (type(first) is bytes and b" " in first):
                 args = (*first.split(), *args[1:])  # 'CONFIG GET' and the like
