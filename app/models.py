@@ -119,6 +119,12 @@ class ApiKey(BaseModel):
 _MILLION = Decimal(1_000_000)
 
 
+# Price -> its prices as integers at the smallest exponent among them, and that exponent: see
+# `Price.cost`. Keyed by the object (a copy with other prices is another object), which the
+# entry keeps alive, so its id is not reused while it is here.
+_SCALED: dict[int, tuple[Price, tuple[int, int, int, int]]] = {}
+
+
 class Price(BaseModel):
     """USD per million tokens."""
 
@@ -143,11 +149,10 @@ class Price(BaseModel):
             else self.cached_input_per_mtok
         )
 
-    @functools.cached_property
-    def scaled(self) -> tuple[int, int, int, int]:
-        """The three prices as integers at the smallest exponent among them, and that exponent:
-        `cost` sums integers, then makes one Decimal of the same value and exponent as the
-        sum of Decimal products would have (six Decimal operations a turn cost 3 us)."""
+    def _scaled(self) -> tuple[int, int, int, int]:
+        """The prices as integers at the smallest exponent among them, and that exponent: `cost`
+        sums integers, then makes one Decimal of the same value and exponent as the sum of
+        Decimal products would have (six Decimal operations a turn cost 3 us)."""
         prices = (self.input_per_mtok, self.cached, self.output_per_mtok)
         exponent = min(int(p.as_tuple().exponent) for p in prices)
         scaled = [int(p.scaleb(-exponent)) for p in prices]
@@ -158,7 +163,13 @@ class Price(BaseModel):
         input_tokens = max(input_tokens, 0)
         cached_tokens = min(max(cached_tokens, 0), input_tokens)
         output_tokens = max(output_tokens, 0)
-        per_input, per_cached, per_output, exponent = self.scaled
+        found = _SCALED.get(id(self))
+        if found is None:
+            found = (self, self._scaled())
+            if len(_SCALED) >= 1024:
+                _SCALED.clear()
+            _SCALED[id(self)] = found
+        per_input, per_cached, per_output, exponent = found[1]
         total = (
             (input_tokens - cached_tokens) * per_input
             + cached_tokens * per_cached

@@ -6,6 +6,7 @@ Pure functions over JSON values, no I/O, so every rule is tested without sockets
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,50 +197,57 @@ def normalize_query_model(value: str) -> str:
     raise _invalid(f"Invalid model {value!r}: expected 'openai/<model>'.", "model")
 
 
-def _check_range(fields: dict[str, Any], name: str, low: float, high: float) -> None:
-    value = fields.get(name)
-    if value is None:
-        return
-    if not _is_number(value) or not low <= value <= high:
-        raise _invalid(f"{name} must be a number from {low:g} to {high:g}.", name)
-
-
 def check_fields(fields: dict[str, Any]) -> None:
-    """Check 4: known fields' types and ranges; the first violation wins."""
-    _check_range(fields, "temperature", 0, 2)
-    _check_range(fields, "top_p", 0, 1)
-    value = fields.get("top_logprobs")
-    if value is not None and (not _is_int(value) or not 0 <= value <= 20):
-        raise _invalid("top_logprobs must be an integer from 0 to 20.", "top_logprobs")
-    value = fields.get("max_output_tokens")
-    if value is not None and (not _is_int(value) or value < 1):
-        raise _invalid("max_output_tokens must be a positive integer.", "max_output_tokens")
-    value = fields.get("max_tool_calls")
-    if value is not None and (not _is_int(value) or value < 0):
-        raise _invalid("max_tool_calls must be a non-negative integer.", "max_tool_calls")
-    _check_metadata(fields.get("metadata"))
-    value = fields.get("input")
-    if value is not None and not isinstance(value, str | list):
-        raise _invalid(f"input must be a string or an array, got {_type_name(value)}.", "input")
-    for name in _BOOL_FIELDS:
-        value = fields.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise _invalid(f"{name} must be a boolean, got {_type_name(value)}.", name)
-    for name in _STR_FIELDS:
-        value = fields.get(name)
-        if value is not None and not isinstance(value, str):
-            raise _invalid(f"{name} must be a string, got {_type_name(value)}.", name)
-    for name in _OBJECT_FIELDS:
-        value = fields.get(name)
-        if value is not None and not isinstance(value, dict):
-            raise _invalid(f"{name} must be an object, got {_type_name(value)}.", name)
-    for name in _LIST_FIELDS:
-        value = fields.get(name)
-        if value is not None and not isinstance(value, list):
-            raise _invalid(f"{name} must be an array, got {_type_name(value)}.", name)
-    value = fields.get("tool_choice")
-    if value is not None and not isinstance(value, str | dict):
-        raise _invalid("tool_choice must be a string or an object.", "tool_choice")
+    """Check 4: known fields' types and ranges; the first violation in `_CHECKS`' order wins.
+    Only the fields the frame has are looked at (a handful, against the 28 checked)."""
+    present = [name for name in fields if name in _CHECKS]
+    if len(present) > 1:
+        present.sort(key=_RANK.__getitem__)
+    for name in present:
+        value = fields[name]
+        if value is not None:
+            _CHECKS[name](name, value)
+
+
+def _range(low: float, high: float) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if not _is_number(value) or not low <= value <= high:
+            raise _invalid(f"{name} must be a number from {low:g} to {high:g}.", name)
+
+    return check
+
+
+def _top_logprobs(name: str, value: Any) -> None:
+    if not _is_int(value) or not 0 <= value <= 20:
+        raise _invalid("top_logprobs must be an integer from 0 to 20.", name)
+
+
+def _max_output_tokens(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise _invalid("max_output_tokens must be a positive integer.", name)
+
+
+def _max_tool_calls(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 0:
+        raise _invalid("max_tool_calls must be a non-negative integer.", name)
+
+
+def _input(name: str, value: Any) -> None:
+    if not isinstance(value, str | list):
+        raise _invalid(f"input must be a string or an array, got {_type_name(value)}.", name)
+
+
+def _kind(kind: type | tuple[type, ...], article: str) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, kind):
+            raise _invalid(f"{name} must be {article}, got {_type_name(value)}.", name)
+
+    return check
+
+
+def _tool_choice(name: str, value: Any) -> None:
+    if not isinstance(value, str | dict):
+        raise _invalid("tool_choice must be a string or an object.", name)
 
 
 def _check_metadata(value: object) -> None:
@@ -254,6 +262,25 @@ def _check_metadata(value: object) -> None:
             raise _invalid("metadata keys are at most 64 characters.", "metadata")
         if not isinstance(item, str) or len(item) > 512:
             raise _invalid("metadata values are strings of at most 512 characters.", "metadata")
+
+
+# Check 4's fields in the order their violations are reported, each with its check (given the
+# field's name and a value that is not null).
+_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "temperature": _range(0, 2),
+    "top_p": _range(0, 1),
+    "top_logprobs": _top_logprobs,
+    "max_output_tokens": _max_output_tokens,
+    "max_tool_calls": _max_tool_calls,
+    "metadata": lambda _name, value: _check_metadata(value),
+    "input": _input,
+    **{name: _kind(bool, "a boolean") for name in _BOOL_FIELDS},
+    **{name: _kind(str, "a string") for name in _STR_FIELDS},
+    **{name: _kind(dict, "an object") for name in _OBJECT_FIELDS},
+    **{name: _kind(list, "an array") for name in _LIST_FIELDS},
+    "tool_choice": _tool_choice,
+}
+_RANK = {name: rank for rank, name in enumerate(_CHECKS)}
 
 
 class Ignored(Exception):

@@ -377,7 +377,7 @@ class Session:
                 "model": model,
                 "status": status,
                 "response_id": turn.response_id,
-                "duration_ms": round(duration * 1000, 1),
+                "duration_ms": round(duration * 10_000) / 10,  # to 0.1 ms; round(x, 1) cost 1 us
             },
         )
         self._record(

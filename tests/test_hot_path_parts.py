@@ -37,14 +37,15 @@ from redis.asyncio import ConnectionPool
 
 from app import ids, keystore, logs, metrics
 from app.auth.principal import Principal, hash_secret, secret_status
-from app.errors import Code
+from app.errors import Code, GatewayError
 from app.keystore import (
     RATE_SPARE_SECONDS,
     RATE_SPARES,
     RELEASE_BATCH_SECONDS,
     KeyStore,
 )
-from app.models import ApiKey, OldSecret, Team, utcnow
+from app.models import ApiKey, OldSecret, Price, Team, utcnow
+from app.protocol import check_fields
 from app.spend import Periods
 from app.view import NodeView
 
@@ -109,6 +110,71 @@ def test_deferred_additions_show_in_every_read_of_the_registry() -> None:
     assert metrics.REGISTRY.get_sample_value("gateway_budget_used_ratio", ratio) is None
     metrics.set_gauge(metrics.budget_used(ratio["team"], ratio["limit"]), 0.75)  # set again
     assert metrics.REGISTRY.get_sample_value("gateway_budget_used_ratio", ratio) == 0.75
+
+
+def test_a_price_s_integer_cost_equals_the_decimal_formula_to_the_exponent() -> None:
+    """`Price.cost` sums integers and makes one Decimal: the value and the exponent (the ledger's
+    numeric keeps it) of the Decimal formula of CONTRACT.md §6, for odd prices and usage too; a
+    copy with another price costs by its own."""
+
+    def formula(price: Price, inp: int, cached: int, out: int) -> Decimal:
+        inp, out = max(inp, 0), max(out, 0)
+        cached = min(max(cached, 0), inp)
+        total = (
+            (inp - cached) * price.input_per_mtok
+            + cached * price.cached
+            + out * price.output_per_mtok
+        )
+        return total / Decimal(1_000_000)
+
+    rng = random.Random(8)
+    values = ["0", "1", "10", "1E+1", "5E+2", "0.125", "1.25", "0.0375", "15.00", "0.000001"]
+    for _ in range(3000):
+        fields = {
+            "input_per_mtok": Decimal(rng.choice(values)),
+            "output_per_mtok": Decimal(rng.choice(values)),
+        }
+        if rng.random() < 0.7:
+            fields["cached_input_per_mtok"] = Decimal(rng.choice(values))
+        price = Price(**fields)
+        for _ in range(3):
+            usage = (
+                rng.choice([0, 1, -5, rng.randrange(10**7), 10**12]),
+                rng.choice([0, 3, -2, rng.randrange(10**6)]),
+                rng.choice([0, 7, rng.randrange(10**6)]),
+            )
+            got, want = price.cost(*usage), formula(price, *usage)
+            assert (got, str(got)) == (want, str(want)), (fields, usage)
+    price = Price(input_per_mtok=Decimal("1.25"), output_per_mtok=Decimal("10"))
+    assert price.cost(10**6, 0, 0) == Decimal("1.25")
+    dearer = price.model_copy(update={"input_per_mtok": Decimal(5)})
+    assert dearer.cost(10**6, 0, 0) == Decimal(5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        (
+            {"tools": 1, "temperature": 5},
+            "temperature",
+            "temperature must be a number from 0 to 2.",
+        ),
+        ({"user": 1, "stream": "yes"}, "stream", "stream must be a boolean, got string."),
+        ({"tool_choice": 1, "text": []}, "text", "text must be an object, got array."),
+        ({"include": {}, "input": 3, "model": "x"}, "input", "input must be a string or an array"),
+        ({"metadata": {"k": 1}, "max_tool_calls": -1}, "max_tool_calls", "max_tool_calls must"),
+        ({"top_p": None, "tool_choice": 2}, "tool_choice", "tool_choice must be a string or"),
+    ],
+)
+def test_check_4_reports_the_first_violation_in_its_order_not_the_frame_s(
+    fields: dict[str, Any], param: str, message: str
+) -> None:
+    """`check_fields` looks only at the fields a frame has, in check 4's order whatever the
+    frame's own (a null known field is no violation)."""
+    with pytest.raises(GatewayError) as refused:
+        check_fields(fields)
+    assert refused.value.param == param
+    assert refused.value.message.startswith(message)
 
 
 def test_the_bisect_histogram_equals_prometheus_clients() -> None:
