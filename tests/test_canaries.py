@@ -296,6 +296,36 @@ def test_redis_read_response_takes_an_infinite_timeout_as_none() -> None:
     )
 
 
+def test_redis_writes_without_wait_for_when_a_connection_has_no_socket_timeout() -> None:
+    """app/keystore.py `_Batcher._take` lifts the held connection's `socket_timeout` so that
+    `send_packed_command` writes without `asyncio.wait_for` (a task per write); the batch has a
+    timeout of its own. A series that reads the timeout elsewhere would wrap the writes again
+    (slower, not wrong)."""
+    import inspect
+
+    source = inspect.getsource(Connection.send_packed_command)
+    assert "if self.socket_timeout:" in source and "check_health" in source, (
+        "redis-py: Connection.send_packed_command no longer skips wait_for without a socket "
+        "timeout, or lost check_health (app/keystore.py _Batcher._take)"
+    )
+
+
+def test_uuid_keeps_its_value_in_two_slots() -> None:
+    """app/ids.py `uuid4` builds a UUID by setting its `int` and `is_safe` slots, as
+    `UUID.__init__` does, without its argument checks."""
+    import uuid
+
+    from app import ids
+
+    made = ids.uuid4()
+    assert uuid.UUID.__slots__ == ("int", "is_safe", "__weakref__"), (
+        "CPython: uuid.UUID's slots changed (app/ids.py uuid4)"
+    )
+    assert made == uuid.UUID(str(made)) and hash(made) == hash(uuid.UUID(str(made))), (
+        "CPython: a UUID with only its slots set is not the UUID it prints (app/ids.py uuid4)"
+    )
+
+
 def test_hiredis_packs_a_command_tuple() -> None:
     packed = hiredis.pack_command(("SET", b"k\xff", -7))  # type: ignore[arg-type]  # its stub's tuple is too narrow
     assert packed == b"*3\r\n$3\r\nSET\r\n$2\r\nk\xff\r\n$2\r\n-7\r\n", (
