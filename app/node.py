@@ -44,6 +44,49 @@ class Watched(Protocol):
     def check_silence(self, now: float, idle: float) -> bool: ...
 
 
+class Due(Protocol):
+    """A session whose socket limits fall due at a time (app/session.py)."""
+
+    def limits_due(self) -> None: ...
+
+
+class DueSlots:
+    """Sessions' socket-limit checks (idle timeout, lifetime), one loop timer per slot of time
+    for every session due in it: a timer handle per socket was half a KiB of each idle socket.
+
+    A check runs at the end of its slot, never before its time: at most a sixteenth of its wait
+    late, and at most a second (a 0.5 s idle limit closes within 31 ms of it, the default hour's
+    within a second). The slots hold the sessions strongly until they fire or leave (`leave`
+    at the session's end)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, set[Due]] = {}  # the slot's end, in ms of loop time -> sessions
+
+    def add(self, due: Due, delay: float) -> int:
+        """`due.limits_due()` at `delay` seconds from now, or a little later; the slot's key."""
+        loop = asyncio.get_running_loop()
+        width = min(1000, max(50, int(delay * 1000) // 16))
+        end = -(-int((loop.time() + delay) * 1000) // width) * width  # rounded up to the slot
+        members = self._slots.get(end)
+        if members is None:
+            members = self._slots[end] = set()
+            loop.call_at(end / 1000, self._fire, end)
+        members.add(due)
+        return end
+
+    def leave(self, due: Due, end: int) -> None:
+        members = self._slots.get(end)
+        if members is not None:
+            members.discard(due)
+
+    def _fire(self, end: int) -> None:
+        for due in self._slots.pop(end, ()):
+            due.limits_due()
+
+    def __len__(self) -> int:
+        return sum(len(members) for members in self._slots.values())
+
+
 class Node:
     def __init__(self, settings: Settings, store: KeyStore, ledger: Ledger) -> None:
         self.settings = settings
@@ -69,6 +112,7 @@ class Node:
         # half a KiB for each idle socket long after its turn); a link leaves when its turn has.
         self.watched: set[Watched] = set()
         self._silence_task: asyncio.Task[None] | None = None
+        self.due = DueSlots()  # the sessions' idle and lifetime checks
 
     def credential(self, name: str) -> str | None:
         """The upstream key a team's credential NAME points at on this node, if set."""

@@ -127,7 +127,7 @@ class Session:
         # The last client frame or the end of the last turn (the idle timeout), and one timer
         # for both socket limits, re-armed when it fires (never per frame).
         self._last_activity = self._opened_monotonic = time.monotonic()
-        self._limits: asyncio.TimerHandle | None = None
+        self._limits: int | None = None  # the node's slot of the next limits check (`DueSlots`)
         self._limits_close: asyncio.Task[None] | None = None
 
     @property
@@ -428,12 +428,14 @@ class Session:
     def _check_limits(self) -> str | None:
         """Why the socket must close now (idle too long, lifetime reached), else None.
 
-        When nothing is due it re-arms the one timer for the nearest deadline: a client frame or
-        a turn's end only stores a time. A response in flight is
+        When nothing is due it puts the session in the node's slot for the nearest deadline
+        (`DueSlots`): a client frame or a turn's end only stores a time. A response in flight is
         never cut: the idle deadline counts from the end of the turn, and a lifetime reached
         mid-response closes the socket right after its terminal event (like a drain).
         """
-        self._limits = None
+        if self._limits is not None:  # a check made before its slot came: the slot lets go
+            self.node.due.leave(self, self._limits)
+            self._limits = None
         if self.state is not State.IDLE and self.state is not State.IN_FLIGHT:
             return None
         settings = self.node.settings
@@ -456,11 +458,11 @@ class Session:
                     return IDLE_REASON
             waits.append(left)
         if waits:
-            loop = asyncio.get_running_loop()
-            self._limits = loop.call_later(min(waits), self._limits_fired)
+            self._limits = self.node.due.add(self, min(waits))
         return None
 
-    def _limits_fired(self) -> None:
+    def limits_due(self) -> None:
+        """The node's slot of `_check_limits`' time came (`DueSlots`)."""
         if self._check_limits() is not None:
             self._limits_close = asyncio.create_task(
                 self._close_for_limits(), name=f"limits-{self.id}"
@@ -481,7 +483,8 @@ class Session:
             self._transition(State.CLOSING)
         self._abort_turn("cancelled")
         if self._limits is not None:
-            self._limits.cancel()
+            self.node.due.leave(self, self._limits)
+            self._limits = None
         # Nothing the session holds may point back at it once it ends, so that it, its sockets
         # and all they hold are freed by reference counting, not left to the cyclic collector
         # (whose full passes over that garbage held the loop for 90-140 ms under load): the

@@ -22,6 +22,7 @@ from conftest import Connect, Gateway, Tenant, create, eventually, recv, send, t
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
+from app.node import DueSlots
 from app.session import State
 
 LIMIT = 0.5
@@ -201,6 +202,34 @@ async def test_lifetime_waits_for_the_response_in_flight(
 
 
 # -- both off --------------------------------------------------------------------------------------
+
+
+async def test_due_slots_share_a_timer_and_fire_each_session_once_never_early() -> None:
+    """`DueSlots`: sessions due in one slot share its timer; each fires once, not before its
+    time and at most a sixteenth of its wait (at least 50 ms) after; one that left does not."""
+    slots = DueSlots()
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[int, float]] = []
+
+    class Due:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def limits_due(self) -> None:
+            fired.append((self.n, loop.time()))
+
+    started = loop.time()
+    sessions = [Due(n) for n in range(200)]
+    ends = [slots.add(session, 0.8 if session.n % 2 else 0.3) for session in sessions]
+    assert len(set(ends)) <= 4  # two waits, each in one slot (or two, at a slot's edge)
+    slots.leave(sessions[0], ends[0])
+    assert len(slots) == 199
+    await asyncio.sleep(1.2)
+    assert sorted(n for n, _ in fired) == list(range(1, 200))
+    for n, at in fired:
+        wait = 0.8 if n % 2 else 0.3
+        assert started + wait - 0.002 <= at <= started + wait + max(wait / 16, 0.05) + 0.1
+    assert len(slots) == 0
 
 
 def test_defaults_are_an_hour_idle_and_a_day_of_life() -> None:
