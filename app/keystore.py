@@ -336,6 +336,7 @@ class _Batcher:
         loop = self._loop
         if loop is None or not loop.is_running():
             loop = self._loop = asyncio.get_running_loop()
+            self._conn = None  # a connection of another loop is of no use on this one
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, args, future))
         if len(self._queue) == 1 and not self._sending:

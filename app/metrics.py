@@ -60,10 +60,10 @@ class _Pending:
     __slots__ = ("adds", "sets", "soon")
 
     def __init__(self) -> None:
-        self.adds: dict[
-            Any, Any
-        ] = {}  # a child or value with `inc` -> amount (int, float, Decimal)
-        self.sets: dict[Any, float] = {}  # a gauge child -> its latest value
+        # A counter's child, or a histogram's bucket or sum -> the amount to add (an int, a
+        # float or a Decimal); a gauge's child -> the value it was last set to.
+        self.adds: dict[Any, Any] = {}
+        self.sets: dict[Any, float] = {}
         self.soon = False
 
     def arm(self) -> None:
@@ -119,7 +119,8 @@ def set_gauge(gauge: Gauge, value: float) -> None:
 
 
 def observe(histogram: Histogram, amount: float) -> None:
-    """`histogram.observe(amount)` (unlabelled), folded in later (`_Pending`)."""
+    """`histogram.observe(amount)` (unlabelled, no exemplar), folded in later (`_Pending`): a C
+    bisect for the bucket instead of prometheus-client's walk of the bounds in Python."""
     adds = PENDING.adds
     bucket = histogram._buckets[bisect_left(histogram._upper_bounds, amount)]
     adds[bucket] = adds.get(bucket, 0) + 1
@@ -186,26 +187,13 @@ UPSTREAM_RETRIES_TOTAL = Counter(
 )
 
 
-class _Histogram(Histogram):
-    """prometheus-client's histogram, observed with a C bisect instead of its walk of the
-    buckets in Python (it holds the same values afterwards: tests/test_hot_path_parts.py). A
-    turn observes two of them; the per-event one is tallied (`Tally`)."""
-
-    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        if exemplar is not None or self._labelnames:  # exemplars; labelled ones (none here)
-            super().observe(amount, exemplar)
-            return
-        self._sum.inc(amount)
-        self._buckets[bisect_left(self._upper_bounds, amount)].inc(1)
-
-
-TIME_TO_FIRST_EVENT = _Histogram(
+TIME_TO_FIRST_EVENT = Histogram(
     "gateway_time_to_first_event_seconds",
     "From an accepted response.create to the first event sent to the client.",
     buckets=_TTFE_BUCKETS,
     registry=REGISTRY,
 )
-RESPONSE_DURATION = _Histogram(
+RESPONSE_DURATION = Histogram(
     "gateway_response_duration_seconds",
     "From an accepted response.create to its terminal event.",
     buckets=_DURATION_BUCKETS,

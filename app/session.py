@@ -124,8 +124,8 @@ class Session:
             self, node, self.client, principal.team_id
         )
         self._close_after_turn: tuple[int, str] | None = None
-        # The last client frame or the end of the last turn (the idle timeout), and one timer
-        # for both socket limits, re-armed when it fires (never per frame).
+        # The last client frame or the end of the last turn (the idle timeout), and the node's
+        # slot of time the next check of both socket limits is in (never one per frame).
         self._last_activity = self._opened_monotonic = time.monotonic()
         self._limits: int | None = None  # the node's slot of the next limits check (`DueSlots`)
         self._limits_close: asyncio.Task[None] | None = None

@@ -178,16 +178,16 @@ def test_check_4_reports_the_first_violation_in_its_order_not_the_frame_s(
 
 
 def test_the_bisect_histogram_equals_prometheus_clients() -> None:
-    """`metrics._Histogram.observe` (a C bisect) leaves what `Histogram.observe` (a walk of the
-    buckets) does, values on the bounds included."""
+    """`metrics.observe` (a C bisect, folded in later) leaves what `Histogram.observe` (a walk
+    of the buckets) does, values on the bounds included."""
     buckets = (0.00001, 0.000025, 0.0001, 0.001, 0.01, 0.1)
     walked = Histogram("a", "a", buckets=buckets, registry=CollectorRegistry())
-    bisected = metrics._Histogram("b", "b", buckets=buckets, registry=CollectorRegistry())
+    bisected = Histogram("b", "b", buckets=buckets, registry=CollectorRegistry())
     rng = random.Random(7)
     for _ in range(5000):
         value = rng.choice([*buckets, 0.0, 0.5, -1.0, rng.expovariate(2000.0)])
         walked.observe(value)
-        bisected.observe(value)
+        metrics.observe(bisected, value)
     got = {(name[1:], le): v for (name, le), v in _samples(bisected).items()}
     want = {(name[1:], le): v for (name, le), v in _samples(walked).items()}
     assert got == pytest.approx(want)
