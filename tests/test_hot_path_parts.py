@@ -90,8 +90,8 @@ def test_deferred_additions_show_in_every_read_of_the_registry() -> None:
     `/metrics` and `get_sample_value` see them all, as if each had been applied at once."""
     labels = {"model": "openai/deferred-test", "status": "completed"}
     ratio = {"team": "deferred-test", "limit": "usd_per_day_per_team"}
-    count = ("gateway_time_to_first_event_seconds_count", {})
-    before = metrics.REGISTRY.get_sample_value(count[0]) or 0.0
+    count = "gateway_time_to_first_event_seconds_count"
+    before = metrics.REGISTRY.get_sample_value(count) or 0.0
     for _ in range(3):
         metrics.add(metrics.responses(labels["model"], labels["status"]))
         metrics.observe(metrics.TIME_TO_FIRST_EVENT, 0.07)
@@ -99,7 +99,7 @@ def test_deferred_additions_show_in_every_read_of_the_registry() -> None:
     metrics.set_gauge(metrics.budget_used(ratio["team"], ratio["limit"]), 0.25)
     metrics.set_gauge(metrics.budget_used(ratio["team"], ratio["limit"]), 0.5)
     assert metrics.REGISTRY.get_sample_value("gateway_responses_total", labels) == 3
-    assert metrics.REGISTRY.get_sample_value(count[0]) == before + 3
+    assert metrics.REGISTRY.get_sample_value(count) == before + 3
     assert metrics.REGISTRY.get_sample_value(
         "gateway_cost_usd_total", {"team": "deferred-test"}
     ) == pytest.approx(0.000125)
