@@ -121,13 +121,8 @@ def set_gauge(gauge: Gauge, value: float) -> None:
 def observe(histogram: Histogram, amount: float) -> None:
     """`histogram.observe(amount)` (unlabelled, no exemplar), folded in later (`_Pending`): a C
     bisect for the bucket instead of prometheus-client's walk of the bounds in Python."""
-    adds = PENDING.adds
-    bucket = histogram._buckets[bisect_left(histogram._upper_bounds, amount)]
-    adds[bucket] = adds.get(bucket, 0) + 1
-    total = histogram._sum
-    adds[total] = adds.get(total, 0) + amount
-    if MULTIPROC_DIR is not None:
-        PENDING.arm()
+    add(histogram._buckets[bisect_left(histogram._upper_bounds, amount)], 1)
+    add(histogram._sum, amount)
 
 
 # Sub-millisecond buckets: the gateway's own work per forwarded event (tens of microseconds).
@@ -315,17 +310,12 @@ class Tally:
             return
         histogram = self._histogram
         buckets = histogram._buckets
-        adds = PENDING.adds
         for i, count in enumerate(self.counts):
             if count:
-                bucket = buckets[i]
-                adds[bucket] = adds.get(bucket, 0) + count
+                add(buckets[i], count)
                 self.counts[i] = 0
-        total = histogram._sum
-        adds[total] = adds.get(total, 0) + self.total
+        add(histogram._sum, self.total)
         self.total = 0.0
-        if MULTIPROC_DIR is not None:
-            PENDING.arm()
 
 
 class EventTally(Tally):

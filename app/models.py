@@ -152,24 +152,25 @@ class Price(BaseModel):
     def _scaled(self) -> tuple[int, int, int, int]:
         """The prices as integers at the smallest exponent among them, and that exponent: `cost`
         sums integers, then makes one Decimal of the same value and exponent as the sum of
-        Decimal products would have (six Decimal operations a turn cost 3 us)."""
+        Decimal products would have (six Decimal operations a turn cost 3 us). Made once per
+        Price object (`_SCALED`)."""
+        found = _SCALED.get(id(self))
+        if found is not None:
+            return found[1]
         prices = (self.input_per_mtok, self.cached, self.output_per_mtok)
         exponent = min(int(p.as_tuple().exponent) for p in prices)
         scaled = [int(p.scaleb(-exponent)) for p in prices]
-        return scaled[0], scaled[1], scaled[2], exponent
+        if len(_SCALED) >= 1024:
+            _SCALED.clear()
+        _SCALED[id(self)] = (self, (scaled[0], scaled[1], scaled[2], exponent))
+        return _SCALED[id(self)][1]
 
     def cost(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> Decimal:
         """CONTRACT.md §6; usage can be odd upstream, so figures are clamped first."""
         input_tokens = max(input_tokens, 0)
         cached_tokens = min(max(cached_tokens, 0), input_tokens)
         output_tokens = max(output_tokens, 0)
-        found = _SCALED.get(id(self))
-        if found is None:
-            found = (self, self._scaled())
-            if len(_SCALED) >= 1024:
-                _SCALED.clear()
-            _SCALED[id(self)] = found
-        per_input, per_cached, per_output, exponent = found[1]
+        per_input, per_cached, per_output, exponent = self._scaled()
         total = (
             (input_tokens - cached_tokens) * per_input
             + cached_tokens * per_cached

@@ -127,7 +127,7 @@ class Session:
         # The last client frame or the end of the last turn (the idle timeout), and the node's
         # slot of time the next check of both socket limits is in (never one per frame).
         self._last_activity = self._opened_monotonic = time.monotonic()
-        self._limits: int | None = None  # the node's slot of the next limits check (`DueSlots`)
+        self._limits: int | None = None  # `DueSlots`' key
         self._limits_close: asyncio.Task[None] | None = None
 
     @property

@@ -200,7 +200,7 @@ class SpendBook:
         if self._counts:
             self._queue_counts()  # in front of the judgment, in the same pipeline
         periods = self._periods_at(datetime.now(UTC))
-        key_day_cap, team_day_cap, team_month_cap = (  # by value: hashing the model cost 3 us
+        key_day_cap, team_day_cap, team_month_cap = (  # each remembered by its value
             cap_nano(limits.usd_per_day_per_key),
             cap_nano(limits.usd_per_day_per_team),
             cap_nano(limits.usd_per_month_per_team),

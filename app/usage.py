@@ -33,15 +33,15 @@ def usage_figures(usage: object) -> Tokens | None:
     )
 
 
+_KINDS = ("input", "cached_input", "output", "reasoning")  # the `kind` label, in `Tokens` order
+
+
 def count_usage(model: str, team: str, tokens: Tokens, cost: Decimal) -> None:
     for kind, value in zip(_KINDS, tokens, strict=True):
         if value:
             metrics.add(metrics.tokens(model, kind), value)
     if cost > 0:
         metrics.add(metrics.cost(team), cost)  # a Decimal, made a float when folded in
-
-
-_KINDS = ("input", "cached_input", "output", "reasoning")
 
 
 def charge(

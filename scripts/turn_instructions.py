@@ -34,6 +34,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from app.bench.load import BenchError, Shape, Target, client_session, connect, run_turn
 from app.bench.stack import (
     _GATEWAY_READY,
@@ -73,9 +75,9 @@ async def _count(
             await asyncio.to_thread(_control, "-z", pid)
             await asyncio.to_thread(_control, "-i", "on", pid)
 
-            async def many(ws: object) -> None:
+            async def many(ws: aiohttp.ClientWebSocketResponse) -> None:
                 for _ in range(turns):
-                    await run_turn(ws, frame, None, timeout=60)  # type: ignore[arg-type]
+                    await run_turn(ws, frame, None, timeout=60)
 
             await asyncio.gather(*(many(ws) for ws in opened))
             await asyncio.sleep(0.5)
