@@ -28,6 +28,7 @@ from conftest import Gateway, eventually, make_tenant
 from services import RedisCluster, RedisClusterNode, redis_command
 from test_admin_live import expelled, socket
 from test_redis_sentinel import (
+    GIVE_UP_SECONDS,
     STREAMS,
     Failover,
     Handshakes,
@@ -150,13 +151,15 @@ async def key_on_shard(
 
 async def wait_promotion(seed: RedisClusterNode, old: ClusterNode) -> float:
     """Until a surviving node sees the killed primary's replica as a master."""
-    while True:
+    deadline = time.monotonic() + GIVE_UP_SECONDS
+    while time.monotonic() < deadline:
         nodes = await asyncio.to_thread(cluster_nodes, seed.port)
         if any(n.master_id == old.id and "master" in n.flags for n in nodes) or any(
             "master" in n.flags and n.slots == old.slots and n.id != old.id for n in nodes
         ):
             return time.monotonic()
         await asyncio.sleep(0.05)
+    raise AssertionError(f"no replica of :{old.port} promoted after {GIVE_UP_SECONDS:g} s: {nodes}")
 
 
 async def test_cluster_primary_killed_under_load(

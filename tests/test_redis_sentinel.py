@@ -181,20 +181,28 @@ async def status_of(http: aiohttp.ClientSession, gw: Gateway, key: str) -> tuple
         return -1, repr(exc), time.monotonic() - start
 
 
+# How long a failover test waits for a promotion, or for an admin call to be served again,
+# before it fails: a failover that never completes is a failure, not a hang of the suite.
+GIVE_UP_SECONDS = 60.0
+
+
 async def wait_promotion(topology: SentinelTopology, old: int) -> float:
-    while True:
+    deadline = time.monotonic() + GIVE_UP_SECONDS
+    while time.monotonic() < deadline:
         port = await asyncio.to_thread(topology.master_port)
         if port is not None and port != old:
             return time.monotonic()
         await asyncio.sleep(0.05)
+    raise AssertionError(f"no replica promoted {GIVE_UP_SECONDS:g} s after the primary :{old}")
 
 
 async def admin_until_served(gw: Gateway, method: str, path: str, body: Any = None) -> Any:
     """An admin call repeated while it gets 503 (Redis away); its 2xx body."""
     headers = {"Authorization": f"Bearer {TOKEN}", "X-Admin-Actor": "test"}
     timeout = aiohttp.ClientTimeout(total=5)
+    deadline = time.monotonic() + GIVE_UP_SECONDS
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        while True:
+        while time.monotonic() < deadline:
             async with http.request(
                 method, gw.url("/admin/v1" + path), json=body, headers=headers
             ) as resp:
@@ -204,6 +212,7 @@ async def admin_until_served(gw: Gateway, method: str, path: str, body: Any = No
                     return value
                 assert value["error"]["code"] == "service_unavailable"
             await asyncio.sleep(0.05)
+    raise AssertionError(f"{method} {path}: still 503 after {GIVE_UP_SECONDS:g} s")
 
 
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
