@@ -385,7 +385,7 @@ class UpstreamLink:
             code,
             None if turn is None else turn.facts(),
             over_websocket=conn is not None,
-            remembered=self.memory.chain_for(previous) is not None,
+            remembered=self.memory.remembers(previous),
         )
         if verdict.action is Action.SWALLOW:
             if conn is not None:

@@ -152,6 +152,32 @@ def test_memory_follows_one_chain() -> None:
     assert memory.chain_for("r3") is None and memory.size == 0
 
 
+def test_memory_holds_json_not_the_turn_s_objects() -> None:
+    """The chain is kept as text: what it replays equals what was recorded, whatever later
+    happens to the turn's parsed objects (an idle socket keeps a few hundred bytes, not them)."""
+    memory = ConversationMemory(10_000)
+    text = {"type": "output_text", "text": "é\u2028", "n": 1.5}
+    content: list[Any] = [text]
+    output: list[Any] = [{"type": "message", "content": content}]
+    memory.record(None, [_msg("a")], "r1", output)
+    memory.record("r1", [], "r2", [])  # an empty extension adds nothing
+    memory.record("r2", [_msg("b")], "r3", [{"type": "reasoning", "summary": []}])
+    expected = [
+        _msg("a"),
+        *output,
+        _msg("b"),
+        {"type": "reasoning", "summary": []},
+    ]
+    expected = orjson.loads(orjson.dumps(expected))  # a copy, before the originals change
+    turns = [[_msg("a"), *output], [], [_msg("b"), {"type": "reasoning", "summary": []}]]
+    assert memory.size == sum(len(orjson.dumps(items)) for items in turns)
+    content.clear()
+    chain = memory.chain_for("r3")
+    assert chain is not None and chain == expected
+    chain.append("x")  # each call parses anew: a caller's change is its own
+    assert memory.chain_for("r3") == expected
+
+
 def test_memory_forgets_a_failed_continuation() -> None:
     memory = ConversationMemory(10_000)
     memory.record(None, [_msg("a")], "r1", [])
