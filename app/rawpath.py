@@ -24,7 +24,9 @@ is not streaming) is handed to aiohttp's reader unchanged, in order,
 contiguous runs in one call, and takes the usual path: `UpstreamLink._read`.
 
 `pending` counts the messages handed to aiohttp that the session's reader has not finished with;
-the reader lowers it after each message it has handled (`UpstreamLink._read`).
+the reader lowers it after each message it has handled (`UpstreamLink._read`). While everything
+goes raw no reader runs: `Woken` is called after each hand-on (and at the connection's end), and
+the session starts its reader then, which ends once aiohttp holds nothing more to read.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ Sink = Callable[[bytes, int, int, int], bool]
 # (bytes of consecutive frames the sink took, how many frames, when their read came in, from
 # time.perf_counter): to the client, in one write.
 Write = Callable[[bytes, int, float], None]
+# Something was handed to aiohttp's reader (or the connection ended): it needs reading.
+Woken = Callable[[], None]
 
 # The reasons `install` stayed out that were logged already: once each per process, not once
 # per upstream socket (after an aiohttp upgrade every socket would say the same).
@@ -63,19 +67,22 @@ _LOGGED: set[str] = set()
 class RawForwarder:
     """The upstream connection's payload parser: splits frames, forwards or hands them on."""
 
-    __slots__ = ("_buf", "_inner", "_sink", "_skip", "_write", "forwarded", "pending")
+    __slots__ = ("_buf", "_inner", "_sink", "_skip", "_woken", "_write", "forwarded", "pending")
 
-    def __init__(self, inner: Any, sink: Sink, write: Write) -> None:
+    def __init__(self, inner: Any, sink: Sink, write: Write, woken: Woken | None = None) -> None:
         self._inner = inner  # aiohttp's WebSocketReader
         self._sink = sink
         self._write = write
+        self._woken = woken
         self._buf = b""  # the start of a frame not complete yet
         self._skip = 0  # bytes of a frame already handed on in part, still to come
         self.pending = 0
         self.forwarded = 0  # frames that went to the client as bytes
 
     @classmethod
-    def install(cls, ws: Any, sink: Sink, write: Write) -> RawForwarder | None:
+    def install(
+        cls, ws: Any, sink: Sink, write: Write, woken: Woken | None = None
+    ) -> RawForwarder | None:
         """Put a forwarder in front of `ws`'s reader; None (aiohttp's path) where aiohttp's
         internals are not as expected. Each of them is needed: without the reader's queue, say,
         raw frames would overtake the messages aiohttp holds already."""
@@ -91,7 +98,7 @@ class RawForwarder:
         elif not isinstance(queued, deque):
             reason = "ws._reader._buffer is missing or not a deque"
         else:
-            forwarder = cls(inner, sink, write)
+            forwarder = cls(inner, sink, write, woken)
             forwarder.pending = len(queued)  # what aiohttp holds already comes first
             protocol._payload_parser = forwarder
             return forwarder
@@ -105,6 +112,15 @@ class RawForwarder:
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()
+        if self._woken is not None:
+            self._woken()
+
+    def _hand_on(self, data: bytes) -> bool:
+        """`data` to aiohttp's reader; True on a protocol error."""
+        failed: bool = self._inner.feed_data(data)[0]
+        if self._woken is not None:
+            self._woken()
+        return failed
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         """aiohttp's parser contract: (protocol error, tail)."""
@@ -112,7 +128,7 @@ class RawForwarder:
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
-            if self._inner.feed_data(data[:n])[0]:
+            if self._hand_on(data[:n]):
                 return True, b""
             data = data[n:]
         if self._buf:
@@ -156,7 +172,7 @@ class RawForwarder:
             if run < 0 and b0 & _OPCODE in _PINGS and end - pos >= total:
                 # A ping or pong is aiohttp's to answer and never a message: handed on alone,
                 # it holds nothing up.
-                if self._inner.feed_data(data[pos : pos + total])[0]:
+                if self._hand_on(data[pos : pos + total]):
                     return True, b""
                 pos += total
                 continue
@@ -173,7 +189,7 @@ class RawForwarder:
             pos += total
         if out >= 0:
             self._flush(data[out:pos], taken, received)
-        if run >= 0 and self._inner.feed_data(data[run:pos])[0]:
+        if run >= 0 and self._hand_on(data[run:pos]):
             return True, b""
         if pos < end:
             self._buf = data[pos:]

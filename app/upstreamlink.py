@@ -202,10 +202,14 @@ class UpstreamLink:
         raw = None
         if settings.raw_forwarding:
             raw = RawForwarder.install(
-                conn.ws, functools.partial(self.raw_frame, conn), self.raw_write
+                conn.ws,
+                functools.partial(self.raw_frame, conn),
+                self.raw_write,
+                functools.partial(self._wake, conn),
             )
         self.raw = raw
-        self._reader = asyncio.create_task(self._read(conn, raw), name=f"upstream-{self.owner.id}")
+        if raw is None or _unread(conn.ws):
+            self._start_reader(conn)
         return conn
 
     # -- silence --------------------------------------------------------------------------------
@@ -291,12 +295,31 @@ class UpstreamLink:
 
     # -- aiohttp's path -------------------------------------------------------------------------
 
+    def _wake(self, conn: UpstreamConn) -> None:
+        """The raw forwarder handed something to aiohttp's reader: read it (`_read`)."""
+        if self._reader is None and self.conn is conn and not conn.closing and _unread(conn.ws):
+            self._start_reader(conn)  # (not for a part of a large frame: no message yet)
+
+    def _start_reader(self, conn: UpstreamConn) -> None:
+        reader = asyncio.create_task(self._read(conn, self.raw), name=f"upstream-{self.owner.id}")
+        reader.add_done_callback(self._reader_ended)
+        self._reader = reader
+
+    def _reader_ended(self, reader: asyncio.Task[None]) -> None:
+        if self._reader is reader:
+            self._reader = None
+
     async def _read(self, conn: UpstreamConn, raw: RawForwarder | None) -> None:
+        """aiohttp's path: the messages the raw forwarder handed on, and the connection's end.
+        With a forwarder, it ends once aiohttp holds nothing more (`_wake` starts it again):
+        an idle socket keeps no task, no coroutine frames and no waiter for its upstream."""
         ws = conn.ws
         handled = False
         while True:
             if handled and raw is not None and raw.pending:
                 raw.pending -= 1  # the last message is done with: raw frames may pass again
+            if raw is not None and not _unread(ws):
+                return
             handled = True
             try:
                 msg = await ws.receive()
@@ -522,6 +545,13 @@ class UpstreamLink:
             self.last_close = (1000, "closed by the gateway with the client socket")
         self.memory.clear()
         return conn
+
+
+def _unread(ws: aiohttp.ClientWebSocketResponse) -> bool:
+    """Whether aiohttp's reader holds a message or the connection's end, not read yet. The
+    queue's `_buffer` is private (RawForwarder.install checks it is there, else no forwarder)."""
+    queue: Any = ws._reader
+    return bool(queue._buffer) or queue.is_eof()
 
 
 def _response_of(event: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,18 @@ import pytest
 from aiohttp import WebSocketError, WSMsgType
 from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
 from aiohttp.client_proto import ResponseHandler
-from conftest import MODEL, UPSTREAM_KEY, Connect, Gateway, Sim, create, recv, send, until_terminal
+from conftest import (
+    MODEL,
+    UPSTREAM_KEY,
+    Connect,
+    Gateway,
+    Sim,
+    create,
+    eventually,
+    recv,
+    send,
+    until_terminal,
+)
 
 from app import rawpath, upstream, upstreamlink
 from app.metrics import REGISTRY
@@ -116,13 +127,21 @@ async def _replay(cuts: list[int], accept: bool) -> Replay:
         out.seen += numbers
         out.raw += numbers
 
-    forwarder = RawForwarder(inner, sink, write)
+    wakes = [0]
+
+    def woken() -> None:
+        wakes[0] += 1
+
+    forwarder = RawForwarder(inner, sink, write, woken)
     stream = b"".join(STREAM)
     edges = [0, *sorted(cuts), len(stream)]
     for start, end in itertools.pairwise(edges):
+        before = wakes[0]
         error, _ = forwarder.feed_data(stream[start:end])
         assert not error
         assert not taken, "the sink took frames the forwarder did not write in the same read"
+        # No reader runs until woken: whatever aiohttp queued in this read woke one.
+        assert not queue._buffer or wakes[0] > before, "a message queued with no reader woken"
         # The session's reader: handles what aiohttp queued, one message at a time.
         while queue._buffer:
             msg = await queue.read()
@@ -366,3 +385,30 @@ async def test_a_session_whose_reader_lacks_its_queue_forwards_every_event_in_or
         assert live.upstream is not None
         assert live.upstream.raw is None  # aiohttp's path: the reader's queue could not be seen
     assert len(refusals(caplog)) == 1
+
+
+@pytest.mark.parametrize("sim_options", [{"max_connection_seconds": 1.0}], indirect=True)
+async def test_an_idle_upstream_socket_keeps_no_reader_and_its_end_is_still_seen(
+    gateway: Gateway, connect: Connect
+) -> None:
+    """While every frame goes raw no task reads the upstream socket (an idle socket's memory);
+    what the forwarder hands on while the socket is idle (here OpenAI's connection limit: an
+    error frame, then a close) starts one, which sees the socket end, and the next turn goes
+    out on a new socket."""
+    async with connect() as ws:
+        await send(ws, create(metadata={"sim_deltas": "3"}))
+        await until_terminal(ws)
+        (session,) = gateway.sessions
+        link = session.upstream
+        assert link is not None and link.raw is not None
+        first = link.conn
+        assert first is not None
+        # The turn's tail: a reader of what went aiohttp's way, if any, ends with it.
+        await eventually(lambda: link._reader is None, timeout=1.0)
+        await eventually(lambda: link.conn is not first, timeout=10.0)  # the limit, the close
+        assert link.conn is None and link._reader is None
+        assert link.last_close[0] is not None
+        await send(ws, create(metadata={"sim_deltas": "3"}))
+        events = await until_terminal(ws)
+        assert events[-1]["type"] == "response.completed"
+        assert link.conn is not None and link.conn is not first

@@ -105,9 +105,19 @@ def failover_cluster() -> Iterator[RedisCluster]:
 
 @pytest.fixture
 def seed(failover_cluster: RedisCluster) -> RedisClusterNode:
-    """REDIS_URL's node: a replica at the start, so never the primary the test kills."""
-    replicas = {n.port for n in cluster_nodes(failover_cluster.nodes[0].port) if "slave" in n.flags}
-    return next(n for n in failover_cluster.nodes if n.port in replicas)
+    """REDIS_URL's node: a replica at the start, so never the primary the test kills. A busy
+    host can run the test before the first node's `CLUSTER NODES` shows the replicas' roles
+    (they spread by gossip): it is asked again until it does."""
+    deadline = time.monotonic() + GIVE_UP_SECONDS
+    while True:
+        nodes = cluster_nodes(failover_cluster.nodes[0].port)
+        replicas = {n.port for n in nodes if "slave" in n.flags}
+        found = next((n for n in failover_cluster.nodes if n.port in replicas), None)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no replica in CLUSTER NODES after {GIVE_UP_SECONDS} s: {nodes}")
+        time.sleep(0.1)
 
 
 @pytest.fixture
