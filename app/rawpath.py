@@ -67,7 +67,17 @@ _LOGGED: set[str] = set()
 class RawForwarder:
     """The upstream connection's payload parser: splits frames, forwards or hands them on."""
 
-    __slots__ = ("_buf", "_inner", "_sink", "_skip", "_woken", "_write", "forwarded", "pending")
+    __slots__ = (
+        "_buf",
+        "_inner",
+        "_sink",
+        "_skip",
+        "_woken",
+        "_write",
+        "forwarded",
+        "pending",
+        "reading",
+    )
 
     def __init__(self, inner: Any, sink: Sink, write: Write, woken: Woken | None = None) -> None:
         self._inner = inner  # aiohttp's WebSocketReader
@@ -77,6 +87,9 @@ class RawForwarder:
         self._buf = b""  # the start of a frame not complete yet
         self._skip = 0  # bytes of a frame already handed on in part, still to come
         self.pending = 0
+        # The session's reader of what was handed on is running (`UpstreamLink._read` sets and
+        # clears it, the latter as it returns, not a loop step later when its task is done).
+        self.reading = False
         self.forwarded = 0  # frames that went to the client as bytes
 
     @classmethod

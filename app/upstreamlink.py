@@ -297,11 +297,21 @@ class UpstreamLink:
 
     def _wake(self, conn: UpstreamConn) -> None:
         """The raw forwarder handed something to aiohttp's reader: read it (`_read`)."""
-        if self._reader is None and self.conn is conn and not conn.closing and _unread(conn.ws):
-            self._start_reader(conn)  # (not for a part of a large frame: no message yet)
+        raw = self.raw
+        if (
+            raw is not None
+            and not raw.reading
+            and self.conn is conn
+            and not conn.closing
+            and _unread(conn.ws)  # not for a part of a large frame: no message yet
+        ):
+            self._start_reader(conn)
 
     def _start_reader(self, conn: UpstreamConn) -> None:
-        reader = asyncio.create_task(self._read(conn, self.raw), name=f"upstream-{self.owner.id}")
+        raw = self.raw
+        if raw is not None:
+            raw.reading = True
+        reader = asyncio.create_task(self._read(conn, raw), name=f"upstream-{self.owner.id}")
         reader.add_done_callback(self._reader_ended)
         self._reader = reader
 
@@ -313,6 +323,13 @@ class UpstreamLink:
         """aiohttp's path: the messages the raw forwarder handed on, and the connection's end.
         With a forwarder, it ends once aiohttp holds nothing more (`_wake` starts it again):
         an idle socket keeps no task, no coroutine frames and no waiter for its upstream."""
+        try:
+            await self._read_messages(conn, raw)
+        finally:
+            if raw is not None:
+                raw.reading = False  # now: a hand-on from here on starts a reader again
+
+    async def _read_messages(self, conn: UpstreamConn, raw: RawForwarder | None) -> None:
         ws = conn.ws
         handled = False
         while True:
