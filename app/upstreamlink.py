@@ -265,10 +265,13 @@ class UpstreamLink:
         ):
             return False
         if kind == b"response.created":
-            try:
-                turn.response_id = _response_id(orjson.loads(data[payload:end]))
-            except orjson.JSONDecodeError:
-                return False
+            found = _leading_response_id(data, payload, end)
+            if found is None:  # not in the usual form: read the event whole
+                try:
+                    found = _response_id(orjson.loads(data[payload:end]))
+                except orjson.JSONDecodeError:
+                    return False
+            turn.response_id = found
         elif terminal:
             try:
                 event = orjson.loads(data[payload:end])
@@ -562,6 +565,34 @@ class UpstreamLink:
             self.last_close = (1000, "closed by the gateway with the client socket")
         self.memory.clear()
         return conn
+
+
+_RESPONSE_KEY = b'"response":{'
+_ID_FIRST = b'"id":"'
+
+
+def _leading_response_id(data: bytes, start: int, end: int) -> str | None:
+    """The id of the event's `response` when that object starts with it, as OpenAI's and the
+    simulator's do, found without parsing the event: `response.created` echoes the request's
+    instructions and tools (kilobytes for Codex), which parsing whole costs for one field.
+    The first `"response":{` of the event is its top-level `response`: the keys before it
+    (`type`, `sequence_number`, `stream_id`) hold a string or a number, where such bytes can
+    only stand escaped. None when the object does not start with `"id"` or the id holds an
+    escape: the caller parses the event."""
+    at = data.find(_RESPONSE_KEY, start, end)
+    if at < 0 or not data.startswith(_ID_FIRST, at + len(_RESPONSE_KEY)):
+        return None
+    first = at + len(_RESPONSE_KEY) + len(_ID_FIRST)
+    last = data.find(b'"', first, end)
+    if last < 0:
+        return None
+    found = data[first:last]
+    if b"\\" in found:
+        return None
+    try:
+        return found.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _unread(ws: aiohttp.ClientWebSocketResponse) -> bool:

@@ -412,3 +412,50 @@ async def test_an_idle_upstream_socket_keeps_no_reader_and_its_end_is_still_seen
         events = await until_terminal(ws)
         assert events[-1]["type"] == "response.completed"
         assert link.conn is not None and link.conn is not first
+
+
+def _created(response: dict[str, Any], *, response_first: bool = False) -> bytes:
+    kind = "response.created"
+    if response_first:
+        return orjson.dumps({"type": kind, "response": response, "sequence_number": 0})
+    return orjson.dumps({"type": kind, "sequence_number": 0, "response": response})
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (_created({"id": "resp_1", "object": "response"}), "resp_1"),
+        (_created({"id": "resp_2", "object": "response"}, response_first=True), "resp_2"),
+        # What the request echoes cannot pass for the event's own `response`:
+        (_created({"id": "resp_3", "instructions": '"response":{"id":"no"}'}), "resp_3"),
+        # Not in the usual form: the caller parses the event.
+        (_created({"object": "response", "id": "resp_4"}), None),
+        (_created({"object": "response", "tools": [{"response": {"id": "no"}}], "id": "r"}), None),
+        (b'{"type":"response.created","response":{"id":"resp_\\u0035"}}', None),
+        (b'{"type":"response.created","response":{"id":"resp_6', None),
+    ],
+)
+def test_a_created_event_s_response_id_is_read_without_parsing_it(
+    frame: bytes, expected: str | None
+) -> None:
+    assert upstreamlink._leading_response_id(frame, 0, len(frame)) == expected
+
+
+def test_the_leading_response_id_is_the_parsed_one_or_none() -> None:
+    """Whatever the order of keys and whatever the request echoes, the id read from the bytes is
+    the one a parse finds, or there is none (and the event is parsed)."""
+    rng = random.Random(20)
+    words = ["id", "response", "object", "tools", '"response":{"id":"x"}', "é", "\\"]
+    for _ in range(2000):
+        fields: dict[str, Any] = {rng.choice(words): rng.choice(words) for _ in range(3)}
+        fields[rng.choice(words)] = {rng.choice(words): rng.choice(words)}
+        fields["id"] = rng.choice(["resp_a", "resp_\u00e9", 'resp_"q', "resp_\\b", 7])
+        keys = list(fields)
+        rng.shuffle(keys)
+        response = {key: fields[key] for key in keys}
+        frame = _created(response, response_first=rng.random() < 0.5)
+        start = rng.randint(0, 3)
+        frame = b"\x81\x7e\x00\x00"[:start] + frame
+        parsed = upstreamlink._response_id(orjson.loads(frame[start:]))
+        found = upstreamlink._leading_response_id(frame, start, len(frame))
+        assert found is None or found == parsed, (frame, found, parsed)

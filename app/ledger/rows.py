@@ -4,9 +4,10 @@ Rows are plain dataclasses, not frozen: the session builds one per event on the 
 frozen one's `__init__` sets each field through `object.__setattr__`: 2.7 us for a turn's 23
 fields against 0.85 us), and nothing changes a row once recorded. Nor slotted: orjson writes a
 dataclass from its instance `__dict__` in one pass, a slotted one field by field through
-`getattr` (a turn's row for the ledger's statement: 2.6 us against 1.5 us). They do no validation of their
-own (Postgres' CHECK constraints and column types do, in the writer, off the hot path; a row they
-refuse goes to the spill dir's `rejected.jsonl` rather than blocking the queue).
+`getattr` (a turn's row for the ledger's statement: 2.6 us against 1.5 us). They do no
+validation of their own (Postgres' CHECK constraints and column types do, in the writer, off the
+hot path; a row they refuse goes to the spill dir's `rejected.jsonl` rather than blocking the
+queue).
 
 Every row carries `row_id`, a UUID made when the row is built: it is the idempotency key that
 lets the writer replay a batch (after a timeout, a crash or a journal replay) without writing
