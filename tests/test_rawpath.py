@@ -36,6 +36,7 @@ from conftest import (
 )
 
 from app import rawpath, upstream, upstreamlink
+from app.bench.load import Shape, agent_fields
 from app.metrics import REGISTRY
 from app.rawpath import RAW_MAX, RawForwarder
 from app.upstream import UpstreamConn
@@ -459,3 +460,26 @@ def test_the_leading_response_id_is_the_parsed_one_or_none() -> None:
         parsed = upstreamlink._response_id(orjson.loads(frame[start:]))
         found = upstreamlink._leading_response_id(frame, start, len(frame))
         assert found is None or found == parsed, (frame, found, parsed)
+
+
+async def test_an_agent_s_turn_with_echoed_instructions_and_tools(
+    gateway: Gateway, connect: Connect
+) -> None:
+    """The bench's agent-shaped turn (`--agent-request-kb`): the request's instructions and
+    tools come back in `response.created` and the terminal event, whole, through the raw path;
+    the created event's id, read from its bytes, is the turn's."""
+    fields = agent_fields(20)
+    frame = Shape.of_events(MODEL, 20, request_kb=20).frame()
+    assert 19_000 < len(frame) < 23_000
+    async with connect() as ws:
+        await ws.send_str(frame)
+        events = await until_terminal(ws)
+        created, completed = events[0], events[-1]
+        assert created["type"] == "response.created"
+        assert created["response"]["tools"] == fields["tools"]
+        assert completed["response"]["instructions"] == fields["instructions"]
+        (session,) = gateway.sessions
+        link = session.upstream
+        assert link is not None and link.raw is not None and link.raw.forwarded == len(events)
+        assert link.memory.remembers(created["response"]["id"])
+        assert completed["response"]["id"] == created["response"]["id"]

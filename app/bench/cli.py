@@ -149,6 +149,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "else 9 and more); default 1,20,50,108; none: skip the phase",
     )
     cmp.add_argument(
+        "--agent-request-kb",
+        dest="request_kb",
+        type=nn_int,
+        default=0,
+        metavar="KB",
+        help="the turn-length phase's requests carry instructions and tools of about KB KiB, "
+        "as an agent's do (the upstream echoes both in response.created and the terminal "
+        "event); default 0: none",
+    )
+    cmp.add_argument(
         "--shape-rounds",
         type=pos_int,
         default=3,
@@ -276,6 +286,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         workers=args.workers,
         sse=args.sse,
         relay_loops=args.relay_loops,
+        request_kb=args.request_kb,
     )
 
 

@@ -124,7 +124,8 @@ def _header(plan: Plan, stack: Stack) -> list[str]:
         f"  first turn: {p.first_turns} new sockets per target, {p.handshake_delay_ms:g} ms "
         "upstream handshake, timed from the client's handshake to the first event",
         f"  turn lengths: {', '.join(map(str, p.events_per_turn)) or 'skipped'} events a turn, "
-        f"{p.saturate_sockets} sockets, {p.shape_rounds} rounds",
+        f"{p.saturate_sockets} sockets, {p.shape_rounds} rounds"
+        + (f", requests with {p.request_kb} KiB of instructions and tools" if p.request_kb else ""),
         f"  burst: {p.burst or 'skipped'} sockets at once, {p.burst_rounds} rounds; workers: "
         f"{p.workers if p.workers > 1 else 'skipped'}; SSE: {'yes' if p.sse else 'skipped'}",
     ]
@@ -368,7 +369,7 @@ async def _profile(plan: Plan, stack: Stack, options: CompareOptions) -> None:
             await _load(plan, stack, target, plan.paced, plan.sockets, plan.turns)
         elif kind == "turns":  # short turns: the first --events-per-turn length (1: fixed cost)
             events = plan.events_per_turn[0] if plan.events_per_turn else 1
-            shape = Shape.of_events(plan.model, events)
+            shape = Shape.of_events(plan.model, events, plan.request_kb)
             turns = plan.shape_turns(events)
             await _load(plan, stack, target, shape, plan.saturate_sockets, turns)
         elif kind == "sse":  # POST /v1/responses with stream: true, saturated

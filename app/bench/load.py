@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import gc
 import os
 import re
@@ -19,6 +20,7 @@ from array import array
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -50,24 +52,56 @@ class Target:
     pid: int | None = None
 
 
+@functools.cache
+def agent_fields(request_kb: int) -> dict[str, Any]:
+    """`instructions` and `tools` of about `request_kb` KiB in all, half each, as an agent's
+    request carries them (Codex sends kilobytes of both on every turn); OpenAI, and the
+    simulator, echo both in `response.created` and in the terminal event."""
+    half = request_kb * 512
+    sentence = "You are a coding agent working in the user's repository. "
+    instructions = (sentence * (half // len(sentence) + 1))[:half]
+    tools: list[dict[str, Any]] = []
+    while len(orjson.dumps(tools)) < half:
+        number = len(tools)
+        tools.append(
+            {
+                "type": "function",
+                "name": f"tool_{number}",
+                "description": f"Tool {number}: runs a step of the task and returns its output.",
+                "strict": False,
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        f"arg_{i}": {"type": "string", "description": f"argument {i} of the step"}
+                        for i in range(4)
+                    },
+                    "required": ["arg_0"],
+                },
+            }
+        )
+    return {"instructions": instructions, "tools": tools}
+
+
 @dataclass(frozen=True)
 class Shape:
     """One turn: `deltas` text deltas, paced `gap_ms` apart by the simulator; or, with
-    `terminal_only`, the terminal event alone (a one-event turn: the fixed cost of a turn)."""
+    `terminal_only`, the terminal event alone (a one-event turn: the fixed cost of a turn).
+    `request_kb`: the request carries an agent's instructions and tools (`agent_fields`)."""
 
     model: str
     deltas: int
     gap_ms: float
     terminal_only: bool = False
+    request_kb: int = 0
 
     @classmethod
-    def of_events(cls, model: str, events: int) -> Shape:
+    def of_events(cls, model: str, events: int, request_kb: int = 0) -> Shape:
         """The unpaced turn of `events` events: 1, or 9 and more (8 + the deltas)."""
         if events == 1:
-            return cls(model, 1, 0, terminal_only=True)
+            return cls(model, 1, 0, terminal_only=True, request_kb=request_kb)
         if events < 9:
             raise ValueError(f"a turn has 1 event or 9 and more, not {events}")
-        return cls(model, events - 8, 0)
+        return cls(model, events - 8, 0, request_kb=request_kb)
 
     def metadata(self) -> dict[str, str]:
         metadata = {"sim_deltas": str(self.deltas), "sim_delay_ms": f"{self.gap_ms:g}"}
@@ -82,11 +116,15 @@ class Shape:
             "input": "bench",
             "metadata": self.metadata(),
         }
+        if self.request_kb:
+            body.update(agent_fields(self.request_kb))
         return orjson.dumps(body).decode()
 
     def http_body(self) -> bytes:
         """The same turn as a `POST /v1/responses` with `stream: true` (SSE)."""
         body = {"model": self.model, "input": "bench", "stream": True, "metadata": self.metadata()}
+        if self.request_kb:
+            body.update(agent_fields(self.request_kb))
         return orjson.dumps(body)
 
     @property

@@ -102,7 +102,7 @@ class ShapeRow:
 async def measure_shapes(plan: Plan, stack: Stack, targets: list[Target]) -> list[ShapeRow]:
     rows: list[ShapeRow] = []
     for events in plan.events_per_turn:
-        shape = Shape.of_events(plan.model, events)
+        shape = Shape.of_events(plan.model, events, plan.request_kb)
         turns = plan.shape_turns(events)
         results: dict[str, list[LoadResult]] = {t.name: [] for t in targets}
         for number in range(plan.shape_rounds):

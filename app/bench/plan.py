@@ -39,6 +39,7 @@ class Plan:
     workers: int = 1  # >1: a `gateway serve --workers N` beside the one-worker gateway
     sse: bool = False  # POST /v1/responses with stream: true, against a bare HTTP relay
     relay_loops: bool = False  # the per-turn-length phase on a relay of the other event loop too
+    request_kb: int = 0  # the turn-length phase's requests carry an agent's instructions and tools
 
     @property
     def paced(self) -> Shape:
