@@ -316,7 +316,13 @@ async def test_a_busy_key_takes_spares_and_gives_back_what_it_did_not_use(
         await store.close()
 
 
-async def test_nodes_together_never_pass_the_limit(redis_url: str, redis_prefix: str) -> None:
+async def test_nodes_together_never_pass_the_limit(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A call that misses the rate limit's deadline fails open by design (CONTRACT.md §4); on a
+    # busy CI host a Cluster's answer took longer than 0.25 s once and one more turn passed.
+    # What is tested here is the nodes' sharing of one window, so Redis gets time to answer.
+    monkeypatch.setattr(keystore, "RATE_LIMIT_DEADLINE_SECONDS", 30.0)
     for limit in (40, 100, 7):
         nodes = [KeyStore(redis_url, redis_prefix, cluster=REDIS_CLUSTER) for _ in range(3)]
         key_id = f"k{limit}"
