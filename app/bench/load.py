@@ -109,23 +109,19 @@ class Shape:
             metadata["sim_terminal_only"] = "true"
         return metadata
 
-    def frame(self) -> str:
-        body = {
-            "type": "response.create",
-            "model": self.model,
-            "input": "bench",
-            "metadata": self.metadata(),
-        }
+    def request(self) -> dict[str, Any]:
+        """The turn's request fields, as either transport sends them."""
+        body: dict[str, Any] = {"model": self.model, "input": "bench", "metadata": self.metadata()}
         if self.request_kb:
             body.update(agent_fields(self.request_kb))
-        return orjson.dumps(body).decode()
+        return body
+
+    def frame(self) -> str:
+        return orjson.dumps({"type": "response.create", **self.request()}).decode()
 
     def http_body(self) -> bytes:
         """The same turn as a `POST /v1/responses` with `stream: true` (SSE)."""
-        body = {"model": self.model, "input": "bench", "stream": True, "metadata": self.metadata()}
-        if self.request_kb:
-            body.update(agent_fields(self.request_kb))
-        return orjson.dumps(body)
+        return orjson.dumps({**self.request(), "stream": True})
 
     @property
     def seconds(self) -> float:
