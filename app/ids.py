@@ -38,3 +38,8 @@ def uuid4() -> uuid.UUID:
 def hex_token(nbytes: int) -> str:
     """`nbytes` random bytes as hex (unique, not secret)."""
     return f"{_random.getrandbits(nbytes * 8):0{nbytes * 2}x}"
+
+
+def hex_token_bytes(nbytes: int) -> bytes:
+    """`hex_token`, as ASCII bytes (for a command packed by hand)."""
+    return b"%0*x" % (nbytes * 2, _random.getrandbits(nbytes * 8))

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
 import random
 import secrets
 import time
@@ -57,13 +56,14 @@ from typing import Any, NamedTuple, TypeVar
 import hiredis
 import orjson
 import redis.asyncio as aioredis
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     NoScriptError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
-    ResponseError,
     WatchError,
 )
 
@@ -102,6 +102,7 @@ SESSION_INFO_BATCH_SECONDS = 0.25
 SESSION_INFO_CHUNK = 256
 RATE_SPARE_FILL = 0.5
 RATE_SPARE_SECONDS = 0.5
+JUDGMENTS_KEPT = 10_000  # keys' packed judgments kept (`pack_judgment`), all dropped when full
 ASKED_MAX = 50_000  # keys remembered for the spares' test before the old ones are dropped
 # An admin write whose records another write changed between its read and its commit reads and
 # decides again, this many times at most (two writers settle in two tries).
@@ -258,6 +259,15 @@ class _Spares:
 _Call = tuple[AsyncScript | None, tuple[Any, ...], "asyncio.Future[Any]"]
 
 
+class Packed(NamedTuple):
+    """A call's arguments already packed as the RESP command a single server is sent (a script's
+    `EVALSHA` with its sha, keys and arguments): what a turn's judgment sends is mostly the same
+    bytes turn after turn, so its caller keeps them (`KeyStore.judge_spend`). Never on a
+    Cluster, where redis-py's pipeline packs (and routes) each command itself."""
+
+    resp: bytes
+
+
 class _Batcher:
     """Script calls made in one turn of the event loop, sent to Redis as one pipeline.
 
@@ -304,7 +314,18 @@ class _Batcher:
         deadline: float | None = None,
     ) -> asyncio.Future[Any]:
         """`deadline`: seconds after which the call fails with TimeoutError, answered or not."""
-        future = self._queued(script, (len(keys), *keys, *args))
+        return self._with_deadline(self._queued(script, (len(keys), *keys, *args)), deadline)
+
+    def call_packed(
+        self, script: AsyncScript, packed: Packed, deadline: float | None = None
+    ) -> asyncio.Future[Any]:
+        """`call` with its command packed by the caller (one server only)."""
+        assert not self._cluster, "a Cluster's pipeline packs its commands itself"
+        return self._with_deadline(self._queued(script, packed), deadline)
+
+    def _with_deadline(
+        self, future: asyncio.Future[Any], deadline: float | None
+    ) -> asyncio.Future[Any]:
         if deadline is not None:
             loop = future.get_loop()
             self._deadlines.append((loop.time() + deadline, future))
@@ -407,24 +428,14 @@ class _Batcher:
                     else:
                         pipe.evalsha(script.sha, *args)
                 return list(await pipe.execute(raise_on_error=False))
-        commands = [
-            args if script is None else ("EVALSHA", script.sha, *args)
-            for script, args, _future in batch
-        ]
         for attempt in (1, 2):
             conn = self._conn
             if conn is None:
                 conn = await self._take()
             try:
                 async with asyncio.timeout(self._timeout):
-                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                    replies: list[Any] = []
-                    for _ in commands:
-                        try:
-                            replies.append(await conn.read_response(timeout=math.inf))
-                        except ResponseError as exc:
-                            replies.append(exc)
-                    return replies
+                    await conn.send_packed_command(_packed(conn, batch), check_health=False)
+                    return await _replies(conn, len(batch))
             except TimeoutError:  # an OSError too, but a hung Redis is not retried
                 await self._give_back(conn)
                 raise
@@ -466,12 +477,69 @@ class _Batcher:
             await self._give_back(self._conn)
 
 
+def _items(args: tuple[str | int, ...]) -> bytes:
+    """`args` packed by hiredis as RESP bulk strings, without the array's header."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub's tuple is too narrow
+    return packed[packed.index(b"\r\n") + 2 :]
+
+
+def _packed(conn: Any, batch: list[_Call]) -> bytes:
+    """A batch's commands as one write: a call's own packing (`Packed`, made by its caller) as
+    it is, the others packed by the connection (hiredis, `_HiredisPacking`)."""
+    parts: list[bytes] = []
+    for script, args, _future in batch:
+        if type(args) is Packed:
+            parts.append(args.resp)
+        elif script is None:
+            parts += conn.pack_command(*args)
+        else:
+            parts += conn.pack_command("EVALSHA", script.sha, *args)
+    return b"".join(parts)
+
+
+async def _replies(conn: Any, count: int) -> list[Any]:
+    """`count` replies, read off the connection's hiredis reader as they come: what
+    `read_response` does for each, without its per-reply checks and timeout (the batch has its
+    own). An error reply is kept as the exception redis-py's parser makes of it (NoScriptError,
+    ResponseError), but READONLY fails the connection, as redis-py's Sentinel connection does
+    in `read_response` (`_execute` then sends the batch again on a new one, which asks the
+    Sentinels for the primary). The connections speak RESP2 (no push frames). Private parts
+    of redis-py's hiredis parser (`_reader`, `_connected`, `read_from_socket`,
+    NOT_ENOUGH_DATA), hence the pin in pyproject.toml (tests/test_canaries.py checks them)."""
+    parser = conn._parser
+    reader = parser._reader
+    if reader is None or not parser._connected:
+        raise RedisConnectionError("Connection closed by server.")
+    replies: list[Any] = []
+    while len(replies) < count:
+        reply = reader.gets()
+        if reply is NOT_ENOUGH_DATA:
+            await parser.read_from_socket()
+            continue
+        if isinstance(reply, RedisConnectionError):
+            raise reply
+        if isinstance(reply, ReadOnlyError):  # a demoted primary: redis-py's Sentinel rule
+            raise RedisConnectionError("The previous master is now a slave")
+        replies.append(reply)
+    return replies
+
+
 async def _cancelled(task: asyncio.Task[None] | None) -> None:
     """Cancel a background task and wait for it to end."""
     if task is not None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# What `gateway_redis_up` was last set to by this process's stores: set again only when it
+# changes (a prometheus-client gauge's `set` takes a lock, and every Redis call succeeds alike).
+_REDIS_UP_SHOWN: list[int | None] = [None]
+
+
+def _redis_up(value: int) -> None:
+    _REDIS_UP_SHOWN[0] = value
+    metrics.REDIS_UP.set(value)
 
 
 class _HiredisPacking:
@@ -545,6 +613,8 @@ class KeyStore:
         self.writes = 0
         self.lookups = 0  # secrets looked up (lookup_digest), for the guard's measurements
         self._spares: dict[str, _Spares] = {}
+        # (key, team, day, month) -> the judgment's limits, script SHA and packed pieces
+        self._judgments: dict[tuple[str, str, str, str], Any] = {}
         self._asked: dict[str, float] = {}  # key id -> when this node last asked its window
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -625,9 +695,10 @@ class KeyStore:
                 async with asyncio.timeout(deadline):
                     result = await op
         except _REDIS_ERRORS as exc:
-            metrics.REDIS_UP.set(0)
+            _redis_up(0)
             raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
-        metrics.REDIS_UP.set(1)
+        if _REDIS_UP_SHOWN[0] != 1:
+            _redis_up(1)
         return result
 
     @contextlib.asynccontextmanager
@@ -638,7 +709,7 @@ class KeyStore:
             async with self.redis.pipeline(transaction=transaction) as pipe:
                 yield pipe
         except _REDIS_ERRORS as exc:
-            metrics.REDIS_UP.set(0)
+            _redis_up(0)
             raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
 
     async def ping(self) -> bool:
@@ -1118,26 +1189,34 @@ class KeyStore:
         parallel (and the caller takes the turn back out of the window when the team's spend
         refuses it: `Judged.member`). Raises `GatewayError(service_unavailable)` when Redis does
         not answer within RATE_LIMIT_DEADLINE_SECONDS: the caller fails open."""
-        member = ids.hex_token(8)
         now_ms = int(time.time() * 1000)
+        if not self.cluster:
+            script = self._judge_all
+            packed = self.pack_judgment(
+                key_id,
+                team_id,
+                (responses, tokens, key_day_cap, team_day_cap, team_month_cap),
+                day,
+                month,
+                now_ms,
+                ids.hex_token_bytes(8),  # the turn's member in the window (ZADD)
+            )
+            result = await self._call(
+                self._batch.call_packed(script, Packed(packed), RATE_LIMIT_DEADLINE_SECONDS)
+            )
+            raw_day, raw_month = int(result[2]), int(result[3])
+            return Judged(
+                int(result[0]),
+                int(result[1]),
+                None if raw_day < 0 else raw_day,
+                None if raw_month < 0 else raw_month,
+            )
+        member = ids.hex_token(8)
         team = bool(team_day_cap or team_month_cap)
         key_names = [self.rate_window(key_id), self.token_window(key_id)]
         key_names.append(self.key_spend(key_id, day))
         team_names = [self.team_spend(team_id, day), self.team_spend(team_id, month)]
         args = [now_ms, responses, member, tokens, key_day_cap]
-        if not self.cluster:
-            result = await self._call(
-                self._batch.call(
-                    self._judge_all,
-                    key_names + team_names,
-                    [*args, team_day_cap, team_month_cap],
-                    RATE_LIMIT_DEADLINE_SECONDS,
-                )
-            )
-            code, figure, raw_day, raw_month = (int(v) for v in result)
-            return Judged(
-                code, figure, None if raw_day < 0 else raw_day, None if raw_month < 0 else raw_month
-            )
         calls: list[asyncio.Future[Any]] = [
             self._batch.call(self._judge_all, key_names, [*args, 0, 0])
         ]
@@ -1149,6 +1228,49 @@ class KeyStore:
         if team:
             team_day, team_month = (None if v is None else int(v) for v in results[1])
         return Judged(code, figure, team_day, team_month, member if responses else None)
+
+    def pack_judgment(
+        self,
+        key_id: str,
+        team_id: str,
+        limits: tuple[int, int, int, int, int],
+        day: str,
+        month: str,
+        now_ms: int,
+        member: bytes,
+    ) -> bytes:
+        """`_JUDGE_ALL`'s `EVALSHA` on one server, as RESP: `limits` are responses, tokens and the
+        key's day, team's day and team's month caps (nano-USD); `member` 16 hex digits. Only the
+        time and the member change from turn to turn (ARGV[1] and ARGV[3]): the rest is packed
+        by hiredis once per key, team, periods and limits, kept, and joined around them."""
+        sha = self._judge_all.sha
+        shape = (key_id, team_id, day, month)
+        parts = self._judgments.get(shape)
+        if parts is None or parts[0] != limits or parts[1] != sha:
+            names = (
+                self.rate_window(key_id),
+                self.token_window(key_id),
+                self.key_spend(key_id, day),
+                self.team_spend(team_id, day),
+                self.team_spend(team_id, month),
+            )
+            head = ("EVALSHA", sha, len(names), *names)
+            start = b"*%d\r\n%b" % (len(head) + 7, _items(head))  # and ARGV's 7
+            responses, tokens, *caps = limits
+            parts = (limits, sha, start, _items((responses,)), _items((tokens, *caps)))
+            if len(self._judgments) >= JUDGMENTS_KEPT:
+                self._judgments.clear()
+            self._judgments[shape] = parts
+        now = b"%d" % now_ms
+        return b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n%b" % (
+            parts[2],
+            len(now),
+            now,
+            parts[3],
+            len(member),
+            member,
+            parts[4],
+        )
 
     def unjudge(self, key_id: str, member: str) -> None:
         """Take back a turn counted in the key's window that the team's spend then refused."""

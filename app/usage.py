@@ -13,23 +13,26 @@ Tokens = tuple[int, int, int, int]  # input, cached input, output, reasoning
 
 
 def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return value if type(value) is int else 0  # not a bool, nor an int subclass
 
 
 def usage_figures(usage: object) -> Tokens | None:
     """Clamped: upstream usage can be odd (cached above input, negatives)."""
-    if not isinstance(usage, dict):
+    if type(usage) is not dict:
         return None
     details_in = usage.get("input_tokens_details")
     details_out = usage.get("output_tokens_details")
-    input_tokens = max(_int(usage.get("input_tokens")), 0)
-    cached = _int(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0
-    reasoning = _int(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0
+    input_tokens = _int(usage.get("input_tokens"))
+    if input_tokens < 0:
+        input_tokens = 0
+    output_tokens = _int(usage.get("output_tokens"))
+    cached = _int(details_in.get("cached_tokens")) if type(details_in) is dict else 0
+    reasoning = _int(details_out.get("reasoning_tokens")) if type(details_out) is dict else 0
     return (
         input_tokens,
-        min(max(cached, 0), input_tokens),
-        max(_int(usage.get("output_tokens")), 0),
-        max(reasoning, 0),
+        0 if cached < 0 else cached if cached < input_tokens else input_tokens,
+        0 if output_tokens < 0 else output_tokens,
+        0 if reasoning < 0 else reasoning,
     )
 
 
@@ -51,13 +54,12 @@ def charge(
     tokens = usage_figures(usage)
     if tokens is None:
         return {}
-    fields: dict[str, Any] = dict(
-        zip(
-            ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens"),
-            tokens,
-            strict=True,
-        )
-    )
+    fields: dict[str, Any] = {
+        "input_tokens": tokens[0],
+        "cached_tokens": tokens[1],
+        "output_tokens": tokens[2],
+        "reasoning_tokens": tokens[3],
+    }
     price = catalog.get(model) if model else None
     if price is not None and model:
         cost = price.cost(tokens[0], tokens[1], tokens[2])

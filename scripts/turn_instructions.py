@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/turn_instructions.py [--sockets 2] [--turns 150] [--events 1]
                                                   [--target both|gateway|relay] [--runs 1]
+                                                  [--keep DIR]
 
 CPU seconds per turn (`gateway bench --compare`) move by 10-30% between runs of the same code on
 a shared 2-core host; a change of a few percent does not show through that. Instructions do:
@@ -62,7 +63,13 @@ def _control(*args: str) -> None:
 
 
 async def _count(
-    child: Child, target: Target, out: Path, sockets: int, turns: int, frame: str
+    child: Child,
+    target: Target,
+    out: Path,
+    sockets: int,
+    turns: int,
+    frame: str,
+    keep: Path | None = None,
 ) -> int:
     """Instructions `child` ran for `sockets` x `turns` turns."""
     pid = str(child.pid)
@@ -89,6 +96,9 @@ async def _count(
     for dump in out.parent.glob(f"{out.name}.*"):  # the dump `-d` wrote: out.<n>
         found = _TOTALS.search(dump.read_text(errors="replace"))
         total += int(found.group(1)) if found else 0
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(dump, keep / dump.name)
     return total
 
 
@@ -118,7 +128,9 @@ async def _run(args: argparse.Namespace) -> None:
                     if name == "gateway":
                         url = f"ws://{child.address}/v1/responses"
                     target = Target(name, url, b.key, child.pid)
-                    total = await _count(child, target, out, args.sockets, args.turns, frame)
+                    total = await _count(
+                        child, target, out, args.sockets, args.turns, frame, args.keep
+                    )
                 finally:
                     await child.stop()
                 per_turn = total / (args.sockets * args.turns)
@@ -148,6 +160,12 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=1, help="events a turn: 1, or 9 and more")
     parser.add_argument("--target", choices=("both", "gateway", "relay"), default="both")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="copy callgrind's dumps there (for callgrind_annotate --inclusive=yes)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("turn_instructions: valgrind not found (apt-get install valgrind)", file=sys.stderr)

@@ -36,6 +36,7 @@ from app.rawpath import RawForwarder
 RAWPATH = "app/rawpath.py RawForwarder.install/feed_data"
 TALLY = "app/metrics.py Tally"
 HIREDIS_PACKING = "app/keystore.py _HiredisPacking/_hiredis_packing"
+REPLIES = "app/keystore.py _replies"
 
 
 @pytest.fixture
@@ -282,18 +283,42 @@ async def test_redis_connection_sends_through_pack_command() -> None:
     )
 
 
-def test_redis_read_response_takes_an_infinite_timeout_as_none() -> None:
-    """app/keystore.py `_Batcher._execute` reads each reply with `timeout=math.inf` (no read
-    timeout of its own; the batch has one): redis-py 8.2 documents `math.inf` as "block with no
-    timeout". A series where `None` means that instead (its docstring announces the change)
-    would read replies under the socket's timeout again, or fail."""
-    import inspect
+async def test_redis_hiredis_parser_hands_replies_as_the_batcher_reads_them(
+    redis_url: str,
+) -> None:
+    """app/keystore.py `_replies` reads a batch's replies off the connection's hiredis reader:
+    `_parser._reader` (a `hiredis.Reader`), `_parser._connected`, `read_from_socket` (feeds the
+    reader what the socket has) and NOT_ENOUGH_DATA (what the reader gives while a reply is not
+    whole); an error reply comes back as redis-py's exception, not raised."""
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+    from redis.exceptions import ResponseError
 
-    source = inspect.getsource(Connection.read_response)
-    assert "timeout == math.inf" in source, (
-        "redis-py: Connection.read_response no longer treats timeout=math.inf as no timeout "
-        "(app/keystore.py _Batcher._execute)"
-    )
+    pool = BlockingConnectionPool.from_url(redis_url)
+    conn = await pool.get_connection()
+    try:
+        parser = conn._parser
+        reader = getattr(parser, "_reader", None)
+        assert isinstance(reader, hiredis.Reader) and parser._connected is True, (
+            f"redis-py: the parser's hiredis reader moved ({REPLIES})"
+        )
+        assert reader.gets() is NOT_ENOUGH_DATA, f"redis-py: NOT_ENOUGH_DATA changed ({REPLIES})"
+        await conn.send_packed_command(
+            hiredis.pack_command(("PING",)) + hiredis.pack_command(("NOSUCHCOMMAND",)),
+            check_health=False,
+        )
+        replies: list[Any] = []
+        while len(replies) < 2:
+            reply = reader.gets()
+            if reply is NOT_ENOUGH_DATA:
+                assert await parser.read_from_socket(), f"redis-py: read_from_socket ({REPLIES})"
+            else:
+                replies.append(reply)
+        assert replies[0] == b"PONG" and isinstance(replies[1], ResponseError), (
+            f"redis-py: the hiredis reader's replies changed ({REPLIES}): {replies!r}"
+        )
+    finally:
+        await pool.release(conn)
+        await pool.disconnect()
 
 
 def test_redis_writes_without_wait_for_when_a_connection_has_no_socket_timeout() -> None:

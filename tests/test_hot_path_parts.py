@@ -34,6 +34,7 @@ from aiohttp import WSMsgType
 from conftest import REDIS_CLUSTER, Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import ConnectionPool
+from redis.exceptions import ResponseError
 
 from app import ids, keystore, logs, metrics
 from app.auth.principal import Principal, hash_secret, secret_status
@@ -379,6 +380,92 @@ async def test_a_script_s_first_batch_loads_it_before_the_calls_behind_it_run(
         seen = await judged()  # in the count's batch, behind it
         await count
         assert seen.team_day == 1000, seen
+    finally:
+        await store.close()
+
+
+async def test_a_judgment_packed_in_pieces_is_the_command_redis_py_packs(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """`KeyStore.pack_judgment` keeps a key's `EVALSHA` packed around the time and the member:
+    joined, the bytes are redis-py's own packing of the whole call, whatever the names hold and
+    however the limits or the script change between turns."""
+    from redis.asyncio.connection import Connection
+
+    store = KeyStore(redis_url, redis_prefix + "\u00e9", cluster=REDIS_CLUSTER)
+    plain = Connection()
+
+    def expected(key: str, team: str, limits: tuple[int, ...], now: int, member: bytes) -> bytes:
+        names = (
+            store.rate_window(key),
+            store.token_window(key),
+            store.key_spend(key, "d20261206"),
+            store.team_spend(team, "d20261206"),
+            store.team_spend(team, "m202612"),
+        )
+        responses, tokens, *caps = limits
+        call = ("EVALSHA", store._judge_all.sha, 5, *names, now, responses, member, tokens, *caps)
+        return b"".join(plain.pack_command(*call))
+
+    turns: list[tuple[str, str, tuple[int, int, int, int, int], int]] = [
+        ("k1", "t\u2603", (60, 0, 0, 10**12, 0), 1796564819123),
+        ("k1", "t\u2603", (60, 0, 0, 10**12, 0), 7),  # the same key: its pieces, kept
+        ("k1", "t\u2603", (61, 5000, 3, 0, 2**62), 1796564819124),  # its limits changed
+        ("k-2", "team two", (0, 0, 0, 0, 0), 0),
+    ]
+    try:
+        for key, team, limits, now in turns:
+            member = ids.hex_token_bytes(8)
+            packed = store.pack_judgment(key, team, limits, "d20261206", "m202612", now, member)
+            assert packed == expected(key, team, limits, now, member), (key, limits, now)
+        # A script loaded anew (another text, another SHA) is packed with its own SHA.
+        store._judge_all = store.redis.register_script(f"{keystore._JUDGE_ALL}\n-- changed")
+        member = ids.hex_token_bytes(8)
+        limits = turns[2][2]  # as the key's last turn: only the SHA differs
+        packed = store.pack_judgment("k1", "t\u2603", limits, "d20261206", "m202612", 5, member)
+        assert packed == expected("k1", "t\u2603", limits, 5, member)
+    finally:
+        await store.close()
+
+
+@pytest.mark.skipif(REDIS_CLUSTER, reason="a Cluster's pipeline packs and reads its own replies")
+async def test_a_batch_keeps_each_reply_in_its_place_an_error_or_a_lost_script_included(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """One batch: a command Redis refuses, a packed judgment whose script Redis does not hold
+    (NOSCRIPT: loaded and sent again), and commands after them. Each caller gets its own
+    reply: an error reply is that call's, not the batch's."""
+    store = KeyStore(redis_url, redis_prefix)
+    try:
+        text, count = f"{redis_prefix}:text", f"{redis_prefix}:count"
+        await store.redis.set(text, "text")
+        # A judgment script Redis has never seen, which the batcher believes loaded.
+        store._judge_all = store.redis.register_script(
+            f"{keystore._JUDGE_ALL}\n-- {uuid.uuid4().hex}"
+        )
+        store._batch._loaded.add(store._judge_all.sha)
+        periods = Periods.at(datetime.now(UTC))
+        packed = store.pack_judgment(
+            "k",
+            "t",
+            (100, 0, 0, 0, 0),
+            periods.day,
+            periods.month,
+            int(datetime.now(UTC).timestamp() * 1000),
+            ids.hex_token_bytes(8),
+        )
+        batch = store._batch
+        calls = [
+            batch.command("INCR", text),  # not an integer: an error reply
+            batch.call_packed(store._judge_all, keystore.Packed(packed)),
+            batch.command("GET", text),
+            batch.command("INCR", count),
+        ]
+        refused, judged, got, counted = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(refused, ResponseError) and "integer" in str(refused)
+        assert [int(v) for v in judged] == [0, 0, -1, -1], judged  # type: ignore[union-attr]
+        assert (got, counted) == (b"text", 1)
+        assert await _window_size(store, "k") == 1  # judged once, after the script's load
     finally:
         await store.close()
 
