@@ -97,9 +97,13 @@ async def _count(
         found = _TOTALS.search(dump.read_text(errors="replace"))
         total += int(found.group(1)) if found else 0
         if keep is not None:
-            keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(dump, keep / dump.name)
+            await asyncio.to_thread(_keep, dump, keep)
     return total
+
+
+def _keep(dump: Path, keep: Path) -> None:
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(dump, keep / dump.name)
 
 
 async def _run(args: argparse.Namespace) -> None:
