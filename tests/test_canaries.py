@@ -294,7 +294,7 @@ async def test_redis_hiredis_parser_hands_replies_as_the_batcher_reads_them(
     from redis.exceptions import ResponseError
 
     pool = BlockingConnectionPool.from_url(redis_url)
-    conn = await pool.get_connection()
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         parser = conn._parser
         reader = getattr(parser, "_reader", None)
