@@ -12,7 +12,7 @@ The close hand-over. aiohttp's `close()`, called from another task while the rea
 `receive()`, sends the close frame and closes TCP at once, without the client's answer: a client
 still sending then gets a reset, and aiohttp's own client reports 1006, not the code. So a close
 started elsewhere (drain, revocation, a socket limit, a slow client, the end of a turn) is handed
-to the reader: cancelled in `receive()` (`_parked`), it calls `close()` itself, which discards
+to the reader: cancelled in `receive()` (`parked`), it calls `close()` itself, which discards
 what the client still sends until its close frame comes (`CLOSE_HANDSHAKE_SECONDS` at most), and
 the closing task waits for that. A reader busy with a frame needs no hand-over: aiohttp's
 `close()` then waits for the answer by itself. `reading()` is the reader's side of it.
@@ -51,12 +51,12 @@ class ClientLink:
         "_closed_by",
         "_closing",
         "_handed_over",
-        "_parked",
         "_reader",
         "_sent_close",
         "_sent_reason",
         "key_prefix",
         "max_pending",
+        "parked",
         "socket_id",
         "transport",
         "ws",
@@ -85,9 +85,11 @@ class ClientLink:
         self._sent_close: int | None = None  # aiohttp keeps the peer's reply code instead
         self._sent_reason = ""
         self._client_close: tuple[int, str] | None = None  # the client's close frame, if any
-        # The task reading client frames, and whether it waits in `ws.receive()`.
+        # The task reading client frames, and whether it waits in `ws.receive()`: the reader
+        # (Session.run) sets `parked` around that wait, with no coroutine of this class's in
+        # between (one more frame a socket, kept for its whole life).
         self._reader: asyncio.Task[object] | None = None
-        self._parked = False
+        self.parked = False
         self._handed_over: asyncio.Event | None = None  # set once the reader has closed
 
     def watch(self, transport: asyncio.BaseTransport | None) -> None:
@@ -171,15 +173,9 @@ class ClientLink:
             await self._close_ws()
             return True
         finally:
-            self._parked = False
+            self.parked = False
             if self._handed_over is not None:
                 self._handed_over.set()
-
-    async def receive(self) -> aiohttp.WSMessage:
-        self._parked = True
-        msg = await self.ws.receive()
-        self._parked = False
-        return msg
 
     async def close(self, code: int, reason: str = "") -> None:
         """The gateway closes the client socket, with a whole close handshake, from any task."""
@@ -190,7 +186,7 @@ class ClientLink:
         self._sent_close = code
         self._sent_reason = reason
         reader = self._reader
-        if self._parked and reader is not None and reader is not asyncio.current_task():
+        if self.parked and reader is not None and reader is not asyncio.current_task():
             done = self._handed_over = asyncio.Event()
             reader.cancel()
             await done.wait()

@@ -12,7 +12,7 @@ from app import logs, metrics
 from app.clientlink import CLOSE_HANDSHAKE_SECONDS
 from app.errors import Code, GatewayError
 from app.http import answers_own_errors, error_response
-from app.node import NODE, Node
+from app.node import NODE
 from app.protocol import normalize_query_model
 from app.session import Session, new_socket_id
 
@@ -66,11 +66,9 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
             raise GatewayError(Code.TOO_MANY_CONNECTIONS)
     except GatewayError as err:
         return _refuse(err)
-    return await _serve_socket(node, request, session)
-
-
-async def _serve_socket(node: Node, request: web.Request, session: Session) -> web.StreamResponse:
-    ws, principal, socket_id = session.ws, session.principal, session.id
+    # The socket is served here, in the handshake's coroutine, not in one of its own: an idle
+    # socket keeps every frame of the chain it waits in for its whole life.
+    ws, socket_id = session.ws, session.id
     try:
         await ws.prepare(request)
         session.watch_outbound(request.transport)

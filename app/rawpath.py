@@ -50,14 +50,15 @@ _MESSAGES = frozenset({0x0, 0x1, 0x2, 0x8})
 _TEXT_FINAL = 0x81  # FIN, no RSV bits (no compression), text
 _PINGS = frozenset({0x9, 0xA})
 
-# (data, frame start, payload start, frame end) -> True when the frame may go to the client as
-# it came (then it is part of the next `Write`).
-Sink = Callable[[bytes, int, int, int], bool]
+# (the forwarder's source, data, frame start, payload start, frame end) -> True when the frame
+# may go to the client as it came (then it is part of the next `Write`).
+Sink = Callable[[Any, bytes, int, int, int], bool]
 # (bytes of consecutive frames the sink took, how many frames, when their read came in, from
 # time.perf_counter): to the client, in one write.
 Write = Callable[[bytes, int, float], None]
-# Something was handed to aiohttp's reader (or the connection ended): it needs reading.
-Woken = Callable[[], None]
+# Something was handed to aiohttp's reader (or the connection ended): it needs reading. Given
+# the forwarder's source.
+Woken = Callable[[Any], None]
 
 # The reasons `install` stayed out that were logged already: once each per process, not once
 # per upstream socket (after an aiohttp upgrade every socket would say the same).
@@ -72,6 +73,7 @@ class RawForwarder:
         "_inner",
         "_sink",
         "_skip",
+        "_source",
         "_woken",
         "_write",
         "forwarded",
@@ -79,8 +81,18 @@ class RawForwarder:
         "reading",
     )
 
-    def __init__(self, inner: Any, sink: Sink, write: Write, woken: Woken | None = None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        sink: Sink,
+        write: Write,
+        woken: Woken | None = None,
+        source: Any = None,
+    ) -> None:
         self._inner = inner  # aiohttp's WebSocketReader
+        # What `sink` and `woken` are told the frames come from (the upstream socket): passed
+        # with each call rather than bound into a partial each, two objects a socket less.
+        self._source = source
         self._sink = sink
         self._write = write
         self._woken = woken
@@ -94,7 +106,7 @@ class RawForwarder:
 
     @classmethod
     def install(
-        cls, ws: Any, sink: Sink, write: Write, woken: Woken | None = None
+        cls, ws: Any, sink: Sink, write: Write, woken: Woken | None = None, source: Any = None
     ) -> RawForwarder | None:
         """Put a forwarder in front of `ws`'s reader; None (aiohttp's path) where aiohttp's
         internals are not as expected. Each of them is needed: without the reader's queue, say,
@@ -111,7 +123,7 @@ class RawForwarder:
         elif not isinstance(queued, deque):
             reason = "ws._reader._buffer is missing or not a deque"
         else:
-            forwarder = cls(inner, sink, write, woken)
+            forwarder = cls(inner, sink, write, woken, source)
             forwarder.pending = len(queued)  # what aiohttp holds already comes first
             protocol._payload_parser = forwarder
             return forwarder
@@ -126,13 +138,13 @@ class RawForwarder:
     def feed_eof(self) -> None:
         self._inner.feed_eof()
         if self._woken is not None:
-            self._woken()
+            self._woken(self._source)
 
     def _hand_on(self, data: bytes) -> bool:
         """`data` to aiohttp's reader; True on a protocol error."""
         failed: bool = self._inner.feed_data(data)[0]
         if self._woken is not None:
-            self._woken()
+            self._woken(self._source)
         return failed
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
@@ -172,7 +184,7 @@ class RawForwarder:
                 small_text
                 and run < 0
                 and not self.pending
-                and self._sink(data, pos, pos + head, pos + total)
+                and self._sink(self._source, data, pos, pos + head, pos + total)
             ):
                 if out < 0:
                     out = pos

@@ -171,61 +171,66 @@ class Session:
             )
         )
         self._check_limits()  # arms the socket limits' timer
+        client, ws = self.client, self.client.ws
+        # The loop that reads client frames is here, not in a coroutine of its own: an idle
+        # socket keeps every frame of the chain it waits in for its whole life.
         try:
-            async with self.client.reading():
-                await self._read_client()
+            async with client.reading():
+                while True:
+                    # ClientLink.close hands a close over to the reader parked here.
+                    client.parked = True
+                    msg = await ws.receive()
+                    client.parked = False
+                    self._last_activity = time.monotonic()
+                    if msg.type is WSMsgType.TEXT:
+                        # The socket hands text frames over undecoded (`decode_text=False`):
+                        # the size is judged before the UTF-8, so a frame over the limit closes
+                        # 1009 whatever it holds. aiohttp lets a compressed frame of limit + 1
+                        # bytes through (it checks `>` there and `>=` for plain frames), and
+                        # decoded it first: 1007.
+                        data: bytes = msg.data
+                        if len(data) > self.node.settings.max_frame_bytes:
+                            await self.close(1009, "frame larger than the limit")
+                            return
+                        try:
+                            text = data.decode("utf-8")
+                        except UnicodeDecodeError:
+                            await self.close(1007, "Invalid UTF-8 text message")
+                            return
+                        del data
+                        await self.on_text(text)
+                        del text
+                    elif msg.type is WSMsgType.BINARY:
+                        if len(msg.data) > self.node.settings.max_frame_bytes:
+                            await self.close(1009, "frame larger than the limit")
+                            return
+                        await self.refuse(
+                            GatewayError(
+                                Code.INVALID_RESPONSE_CREATE,
+                                "Expected a text frame holding one JSON object, got a binary "
+                                "frame.",
+                            )
+                        )
+                    elif msg.type is WSMsgType.CLOSE:  # the client's; aiohttp answered it
+                        client.peer_closed(int(msg.data), str(msg.extra or ""))
+                        return
+                    elif msg.type is WSMsgType.ERROR:
+                        # aiohttp closed it for a bad frame (1009 too large, 1007 bad UTF-8,
+                        # 1002); any other error is the connection failing under it: the
+                        # client's side.
+                        if isinstance(msg.data, aiohttp.WebSocketError):
+                            client.refused(msg.data)
+                        return
+                    else:  # CLOSING (the gateway's own close, handed over), CLOSED (gone)
+                        return
+                    # An idle socket waits in `receive` for weeks: it keeps no frame it read.
+                    del msg
+                    if self.state in (State.CLOSING, State.CLOSED):
+                        return
         except (ConnectionError, aiohttp.ClientError) as exc:
             log.debug("client socket %s failed: %s", self.id, exc)
         finally:
             await self._finish()
-
-    async def _read_client(self) -> None:
-        client = self.client
-        while True:
-            msg = await client.receive()
-            self._last_activity = time.monotonic()
-            if msg.type is WSMsgType.TEXT:
-                # The socket hands text frames over undecoded (`decode_text=False`): the size is
-                # judged before the UTF-8, so a frame over the limit closes 1009 whatever it
-                # holds. aiohttp lets a compressed frame of limit + 1 bytes through (it checks
-                # `>` there and `>=` for plain frames), and decoded it first: 1007.
-                data: bytes = msg.data
-                if len(data) > self.node.settings.max_frame_bytes:
-                    await self.close(1009, "frame larger than the limit")
-                    return
-                try:
-                    text = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    await self.close(1007, "Invalid UTF-8 text message")
-                    return
-                del data
-                await self.on_text(text)
-                del text
-            elif msg.type is WSMsgType.BINARY:
-                if len(msg.data) > self.node.settings.max_frame_bytes:
-                    await self.close(1009, "frame larger than the limit")
-                    return
-                await self.refuse(
-                    GatewayError(
-                        Code.INVALID_RESPONSE_CREATE,
-                        "Expected a text frame holding one JSON object, got a binary frame.",
-                    )
-                )
-            elif msg.type is WSMsgType.CLOSE:  # the client's close frame; aiohttp answered it
-                client.peer_closed(int(msg.data), str(msg.extra or ""))
-                return
-            elif msg.type is WSMsgType.ERROR:
-                # aiohttp closed it for a bad frame (1009 too large, 1007 bad UTF-8, 1002); any
-                # other error is the connection failing under it: the client's side.
-                if isinstance(msg.data, aiohttp.WebSocketError):
-                    client.refused(msg.data)
-                return
-            else:  # CLOSING (this gateway's own close, handed over), CLOSED (connection gone)
-                return
-            # An idle socket waits in `receive` for weeks: it keeps no frame it read.
-            del msg
-            if self.state in (State.CLOSING, State.CLOSED):
-                return
 
     async def on_text(self, data: str) -> None:
         """Checks 1-8 of CONTRACT.md §3 in order, then the turn goes upstream (check 9)."""

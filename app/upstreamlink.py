@@ -20,7 +20,6 @@ forwarded event is counted once, by its turn's `EventTally.forwarded` (app/metri
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from typing import Any, Protocol
 
@@ -201,12 +200,7 @@ class UpstreamLink:
         self.conn = conn
         raw = None
         if settings.raw_forwarding:
-            raw = RawForwarder.install(
-                conn.ws,
-                functools.partial(self.raw_frame, conn),
-                self.raw_write,
-                functools.partial(self._wake, conn),
-            )
+            raw = RawForwarder.install(conn.ws, self.raw_frame, self.raw_write, self._wake, conn)
         self.raw = raw
         if raw is None or _unread(conn.ws):
             self._start_reader(conn)

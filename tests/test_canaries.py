@@ -411,7 +411,9 @@ async def test_install_stays_out_of_a_socket_unlike_aiohttp_314s(
     if in_protocol:
         protocol._payload_parser = odd
     try:
-        forwarder = RawForwarder.install(client_ws, lambda d, s, p, e: True, lambda f, c, r: None)
+        forwarder = RawForwarder.install(
+            client_ws, lambda o, d, s, p, e: True, lambda f, c, r: None
+        )
         assert forwarder is None
         assert protocol._payload_parser is (odd if in_protocol else parser)
     finally:

@@ -61,6 +61,8 @@ def event(kind: str, i: int, pad: int = 0) -> bytes:
     return orjson.dumps({"type": kind, "sequence_number": i, "delta": "x" * pad})
 
 
+SOURCE = object()  # what the forwarder says its frames come from (the upstream socket)
+
 STREAM = [
     frame(0x9, b"ping"),  # control: aiohttp answers it, the session never sees it
     frame(0x1, event("response.created", 0)),  # inspected
@@ -109,7 +111,8 @@ async def _replay(cuts: list[int], accept: bool) -> Replay:
     out = Replay()
     taken: list[int] = []  # taken by the sink, not written yet
 
-    def sink(data: bytes, start: int, payload: int, end: int) -> bool:
+    def sink(source: object, data: bytes, start: int, payload: int, end: int) -> bool:
+        assert source is SOURCE, "the sink is told the forwarder's source"
         assert forwarder.pending == 0, "a raw frame would overtake one on aiohttp's path"
         body = orjson.loads(data[payload:end])
         if not accept or body["type"] in ("response.completed",):
@@ -130,10 +133,11 @@ async def _replay(cuts: list[int], accept: bool) -> Replay:
 
     wakes = [0]
 
-    def woken() -> None:
+    def woken(source: object) -> None:
+        assert source is SOURCE
         wakes[0] += 1
 
-    forwarder = RawForwarder(inner, sink, write, woken)
+    forwarder = RawForwarder(inner, sink, write, woken, SOURCE)
     stream = b"".join(STREAM)
     edges = [0, *sorted(cuts), len(stream)]
     for start, end in itertools.pairwise(edges):
@@ -187,7 +191,7 @@ async def test_odd_frames_are_aiohttps_to_judge() -> None:
     loop = asyncio.get_running_loop()
     queue = WebSocketDataQueue(ResponseHandler(loop), 2**16, loop=loop)
     forwarder = RawForwarder(
-        WebSocketReader(queue, 2**20, False, True), lambda d, s, p, e: True, lambda f, c, r: None
+        WebSocketReader(queue, 2**20, False, True), lambda o, d, s, p, e: True, lambda f, c, r: None
     )
     masked = bytes([0x81, 0x80 | 2]) + b"\x01\x02\x03\x04" + bytes([ord("h") ^ 1, ord("i") ^ 2])
     error, _ = forwarder.feed_data(masked)
@@ -339,7 +343,7 @@ async def test_install_refuses_a_reader_without_its_queue(
     parser = protocol._payload_parser  # type: ignore[union-attr]
     ws._reader = Reader(ws._reader, buffer)  # type: ignore[assignment]
     for _ in range(2):
-        assert RawForwarder.install(ws, lambda d, s, p, e: True, lambda f, c, r: None) is None
+        assert RawForwarder.install(ws, lambda o, d, s, p, e: True, lambda f, c, r: None) is None
     assert protocol._payload_parser is parser  # type: ignore[union-attr]
     (line,) = refusals(caplog)
     assert line.levelno == logging.WARNING and "_buffer" in line.__dict__["reason"]
@@ -353,7 +357,7 @@ async def test_install_takes_a_reader_as_expected(
     fresh_refusals: None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    forwarder = RawForwarder.install(upstream_ws, lambda d, s, p, e: False, lambda f, c, r: None)
+    forwarder = RawForwarder.install(upstream_ws, lambda o, d, s, p, e: False, lambda f, c, r: None)
     assert forwarder is not None and not refusals(caplog)
 
 
