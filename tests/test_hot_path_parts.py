@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import random
+import socket
 import sys
 import threading
 import uuid
@@ -35,6 +36,7 @@ from conftest import REDIS_CLUSTER, Connect, Gateway, Tenant, recv
 from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import ConnectionPool
 from redis.exceptions import ResponseError
+from services import RedisServer, fresh_redis_prefix
 
 from app import ids, keystore, logs, metrics
 from app.auth.principal import Principal, hash_secret, secret_status
@@ -468,6 +470,31 @@ async def test_a_batch_keeps_each_reply_in_its_place_an_error_or_a_lost_script_i
         assert await _window_size(store, "k") == 1  # judged once, after the script's load
     finally:
         await store.close()
+
+
+@pytest.mark.skipif(REDIS_CLUSTER, reason="a Cluster's pipeline holds no connection of its own")
+async def test_a_primary_turned_replica_fails_the_batcher_s_connection_not_each_call() -> None:
+    """The batcher holds its connection from batch to batch. When the server it holds turns
+    replica (a failover's demoted primary) and answers READONLY, the connection is dropped, as
+    redis-py's Sentinel connection does, so the next batch takes a new one (which asks the
+    Sentinels for the primary); kept, every batch after would go to the replica."""
+    server = RedisServer().start()
+    store = KeyStore(server.url, fresh_redis_prefix())
+    try:
+        assert await store._call(store._batch.command("SET", f"{store.prefix}:a", "1")) == b"OK"
+        held = store._batch._conn
+        assert held is not None
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))  # a port nothing listens on: the replica never syncs
+        await store.redis.execute_command("REPLICAOF", "127.0.0.1", str(dead.getsockname()[1]))
+        with pytest.raises(GatewayError) as refused:
+            await store._call(store._batch.command("SET", f"{store.prefix}:b", "2"))
+        assert refused.value.code is Code.SERVICE_UNAVAILABLE
+        assert store._batch._conn is not held and not held.is_connected
+        dead.close()
+    finally:
+        await store.close()
+        server.close()
 
 
 async def test_spares_are_given_back_when_the_store_closes(
