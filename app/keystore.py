@@ -534,12 +534,14 @@ async def _cancelled(task: asyncio.Task[None] | None) -> None:
 
 # What `gateway_redis_up` was last set to by this process's stores: set again only when it
 # changes (a prometheus-client gauge's `set` takes a lock, and every Redis call succeeds alike).
-_REDIS_UP_SHOWN: list[int | None] = [None]
+_redis_up_shown: int | None = None
 
 
 def _redis_up(value: int) -> None:
-    _REDIS_UP_SHOWN[0] = value
-    metrics.REDIS_UP.set(value)
+    global _redis_up_shown
+    if value != _redis_up_shown:
+        _redis_up_shown = value
+        metrics.REDIS_UP.set(value)
 
 
 class _HiredisPacking:
@@ -697,8 +699,7 @@ class KeyStore:
         except _REDIS_ERRORS as exc:
             _redis_up(0)
             raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
-        if _REDIS_UP_SHOWN[0] != 1:
-            _redis_up(1)
+        _redis_up(1)
         return result
 
     @contextlib.asynccontextmanager

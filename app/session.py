@@ -200,28 +200,7 @@ class Session:
                         del data
                         await self.on_text(text)
                         del text
-                    elif msg.type is WSMsgType.BINARY:
-                        if len(msg.data) > self.node.settings.max_frame_bytes:
-                            await self.close(1009, "frame larger than the limit")
-                            return
-                        await self.refuse(
-                            GatewayError(
-                                Code.INVALID_RESPONSE_CREATE,
-                                "Expected a text frame holding one JSON object, got a binary "
-                                "frame.",
-                            )
-                        )
-                    elif msg.type is WSMsgType.CLOSE:  # the client's; aiohttp answered it
-                        client.peer_closed(int(msg.data), str(msg.extra or ""))
-                        return
-                    elif msg.type is WSMsgType.ERROR:
-                        # aiohttp closed it for a bad frame (1009 too large, 1007 bad UTF-8,
-                        # 1002); any other error is the connection failing under it: the
-                        # client's side.
-                        if isinstance(msg.data, aiohttp.WebSocketError):
-                            client.refused(msg.data)
-                        return
-                    else:  # CLOSING (the gateway's own close, handed over), CLOSED (gone)
+                    elif not await self._other_frame(msg):
                         return
                     # An idle socket waits in `receive` for weeks: it keeps no frame it read.
                     del msg
@@ -231,6 +210,29 @@ class Session:
             log.debug("client socket %s failed: %s", self.id, exc)
         finally:
             await self._finish()
+
+    async def _other_frame(self, msg: aiohttp.WSMessage) -> bool:
+        """A client message other than a text frame; False when the socket is done."""
+        if msg.type is WSMsgType.BINARY:
+            if len(msg.data) > self.node.settings.max_frame_bytes:
+                await self.close(1009, "frame larger than the limit")
+                return False
+            await self.refuse(
+                GatewayError(
+                    Code.INVALID_RESPONSE_CREATE,
+                    "Expected a text frame holding one JSON object, got a binary frame.",
+                )
+            )
+            return True
+        if msg.type is WSMsgType.CLOSE:  # the client's close frame; aiohttp answered it
+            self.client.peer_closed(int(msg.data), str(msg.extra or ""))
+        elif msg.type is WSMsgType.ERROR:
+            # aiohttp closed it for a bad frame (1009 too large, 1007 bad UTF-8, 1002); any
+            # other error is the connection failing under it: the client's side.
+            if isinstance(msg.data, aiohttp.WebSocketError):
+                self.client.refused(msg.data)
+        # else CLOSING (the gateway's own close, handed over), CLOSED (connection gone)
+        return False
 
     async def on_text(self, data: str) -> None:
         """Checks 1-8 of CONTRACT.md §3 in order, then the turn goes upstream (check 9)."""

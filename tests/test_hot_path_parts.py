@@ -480,19 +480,19 @@ async def test_a_primary_turned_replica_fails_the_batcher_s_connection_not_each_
     Sentinels for the primary); kept, every batch after would go to the replica."""
     server = RedisServer().start()
     store = KeyStore(server.url, fresh_redis_prefix())
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # a port nothing listens on: the replica never syncs
     try:
         assert await store._call(store._batch.command("SET", f"{store.prefix}:a", "1")) == b"OK"
         held = store._batch._conn
         assert held is not None
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))  # a port nothing listens on: the replica never syncs
         await store.redis.execute_command("REPLICAOF", "127.0.0.1", str(dead.getsockname()[1]))
         with pytest.raises(GatewayError) as refused:
             await store._call(store._batch.command("SET", f"{store.prefix}:b", "2"))
         assert refused.value.code is Code.SERVICE_UNAVAILABLE
         assert store._batch._conn is not held and not held.is_connected
-        dead.close()
     finally:
+        dead.close()
         await store.close()
         server.close()
 
