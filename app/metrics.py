@@ -57,7 +57,7 @@ class _Pending:
     current round of callbacks (`call_soon`), before the loop polls for what comes next.
     """
 
-    __slots__ = ("adds", "sets", "soon")
+    __slots__ = ("adds", "sets", "soon", "tallies")
 
     def __init__(self) -> None:
         # A counter's child, or a histogram's bucket or sum -> the amount to add (an int, a
@@ -65,6 +65,14 @@ class _Pending:
         self.adds: dict[Any, Any] = {}
         self.sets: dict[Any, float] = {}
         self.soon = False
+        # One per histogram the hot path observes (`tally`): its observations, added up.
+        self.tallies: list[Tally] = []
+
+    def tally(self, histogram: Histogram) -> Tally:
+        """The histogram's `Tally`, folded in with the rest."""
+        tally = Tally(histogram)
+        self.tallies.append(tally)
+        return tally
 
     def arm(self) -> None:
         """Several workers: fold at the end of this round of callbacks (none running: now)."""
@@ -88,6 +96,8 @@ class _Pending:
             sets, self.sets = self.sets, {}
             for gauge, value in sets.items():
                 gauge.set(value)
+        for tally in self.tallies:
+            tally.fold()
 
     def describe(self) -> list[Any]:  # a collector of REGISTRY that collects nothing itself
         return []
@@ -120,7 +130,8 @@ def set_gauge(gauge: Gauge, value: float) -> None:
 
 def observe(histogram: Histogram, amount: float) -> None:
     """`histogram.observe(amount)` (unlabelled, no exemplar), folded in later (`_Pending`): a C
-    bisect for the bucket instead of prometheus-client's walk of the bounds in Python."""
+    bisect for the bucket instead of prometheus-client's walk of the bounds in Python. The
+    histograms a turn observes have a `Tally` of their own (`DURATION`, `TTFE`): cheaper."""
     add(histogram._buckets[bisect_left(histogram._upper_bounds, amount)], 1)
     add(histogram._sum, amount)
 
@@ -287,9 +298,12 @@ class Tally:
     """Observations of one histogram added up where they happen, handed to it in one go.
 
     `Histogram.observe` takes a lock and walks the buckets in Python for every value: per
-    forwarded event that was a few percent of the hot path. A turn tallies its events' overhead
-    here (a C bisect and two additions each) and `flush`es once, at its end; the histogram then
-    holds exactly what observing each value would have left in it (tests/test_units.py).
+    forwarded event that was a few percent of the hot path. Here an observation is a C bisect
+    and two additions to plain numbers; `fold` hands them to the histogram, which then holds
+    exactly what observing each value would have left in it (tests/test_hot_path_parts.py).
+    The histograms a turn observes each have one, made by `PENDING.tally` and folded in with
+    the other pending figures (whenever the registry is read; with several workers at the end
+    of the loop's round of callbacks after an `observe`).
     """
 
     __slots__ = ("_bounds", "_histogram", "counts", "total")
@@ -303,31 +317,41 @@ class Tally:
     def observe(self, value: float, times: int = 1) -> None:
         self.counts[bisect_left(self._bounds, value)] += times
         self.total += value * times
+        if MULTIPROC_DIR is not None:
+            PENDING.arm()
 
-    def flush(self) -> None:
+    def fold(self) -> None:
         """Add the tally to its histogram and start again from zero."""
-        if not any(self.counts):
+        counts = self.counts
+        if not any(counts):
             return
         histogram = self._histogram
         buckets = histogram._buckets
-        for i, count in enumerate(self.counts):
+        for i, count in enumerate(counts):
             if count:
-                add(buckets[i], count)
-                self.counts[i] = 0
-        add(histogram._sum, self.total)
+                buckets[i].inc(count)
+                counts[i] = 0
+        histogram._sum.inc(self.total)
         self.total = 0.0
 
 
-class EventTally(Tally):
+# The histograms every turn observes. A turn's events' overhead goes straight into `OVERHEAD_TALLY`
+# (`EventTally.forwarded`, per write, without arming a fold: the turn's end does, as it observes
+# its duration).
+TTFE_TALLY = PENDING.tally(TIME_TO_FIRST_EVENT)
+DURATION_TALLY = PENDING.tally(RESPONSE_DURATION)
+OVERHEAD_TALLY = PENDING.tally(OVERHEAD)
+
+
+class EventTally:
     """One turn's events as the metrics and the ledger see them: how many reached the client,
     when the first came in (the time-to-first-event histogram, once), and each one's overhead
-    (tallied, flushed at the turn's end). `forwarded` is the one place that counts an event,
-    whichever path it took (the raw path per write, aiohttp's path per event)."""
+    (into `OVERHEAD_TALLY`). `forwarded` is the one place that counts an event, whichever path
+    it took (the raw path per write, aiohttp's path per event)."""
 
     __slots__ = ("events", "first_event_at", "started")
 
     def __init__(self, started: float) -> None:
-        super().__init__(OVERHEAD)
         self.started = started  # time.perf_counter() when the turn was accepted
         self.first_event_at: float | None = None
         self.events = 0
@@ -336,12 +360,13 @@ class EventTally(Tally):
         """`count` events that came in at `received` (time.perf_counter()) were written."""
         if self.first_event_at is None:
             self.first_event_at = received
-            observe(TIME_TO_FIRST_EVENT, received - self.started)
+            TTFE_TALLY.observe(received - self.started)
         self.events += count
         spent = time.perf_counter() - received
-        # `Tally.observe`, inlined: on the raw path this runs once per write.
-        self.counts[bisect_left(self._bounds, spent)] += count
-        self.total += spent * count
+        # `Tally.observe` inlined (on the raw path this runs once per write), without its arming.
+        overhead = OVERHEAD_TALLY
+        overhead.counts[bisect_left(overhead._bounds, spent)] += count
+        overhead.total += spent * count
 
 
 # Labelled children, looked up once per label set (`labels()` validates and locks each call).
@@ -352,8 +377,12 @@ def responses(model: str, status: str) -> Counter:
 
 
 @lru_cache(maxsize=4096)
-def tokens(model: str, kind: str) -> Counter:
-    return TOKENS_TOTAL.labels(model=model, kind=kind)
+def tokens(model: str) -> tuple[Counter, Counter, Counter, Counter]:
+    """The model's token counters, by kind: input, cached_input, output, reasoning."""
+    return tuple(  # type: ignore[return-value]
+        TOKENS_TOTAL.labels(model=model, kind=kind)
+        for kind in ("input", "cached_input", "output", "reasoning")
+    )
 
 
 @lru_cache(maxsize=4096)

@@ -53,14 +53,10 @@ class HttpTurn:
         response: dict[str, Any] | None = None,
     ) -> None:
         accepted = error_code is None or status is not None
-        usage = response.get("usage") if response else None
-        usage_fields = charge(
-            self.node.view.view.catalog, self.model, self.principal.team_id, usage
-        )
         duration = time.perf_counter() - self.started
         if accepted and self.model and status:
             metrics.add(metrics.responses(self.model, status))
-            metrics.observe(metrics.RESPONSE_DURATION, duration)
+            metrics.DURATION_TALLY.observe(duration)
         ttfe = None if self.first_byte is None else self.first_byte - self.started
         row = TurnRecord(
             socket_id=None,
@@ -76,10 +72,11 @@ class HttpTurn:
             response_id=_str(response.get("id")) if response else None,
             status=status,
             previous_response_id=self.previous_response_id,
-            **usage_fields,
             ttfe_ms=None if ttfe is None else ttfe * 1000,
             duration_ms=duration * 1000,
         )
+        if response:
+            charge(self.node.view.view.catalog, row, response.get("usage"))
         self.node.ledger.record(row)
         if accepted:
             team = self.node.view.view.teams.get(row.team_id)
@@ -180,7 +177,7 @@ async def _relay_json(turn: HttpTurn, upstream: HttpReply, transport: Transport)
     raw = await upstream.body()  # an error's redacted (OpenAI's 401 quotes the operator's key)
     turn.first_byte = time.perf_counter()
     # As the ledger's ttfe: the whole body at once.
-    metrics.observe(metrics.TIME_TO_FIRST_EVENT, turn.first_byte - turn.started)
+    metrics.TTFE_TALLY.observe(turn.first_byte - turn.started)
     try:
         value = orjson.loads(raw)
     except (orjson.JSONDecodeError, RecursionError, ValueError):
@@ -223,7 +220,7 @@ async def _relay_sse(
             if batch:
                 if turn.first_byte is None:
                     turn.first_byte = time.perf_counter()
-                    metrics.observe(metrics.TIME_TO_FIRST_EVENT, turn.first_byte - turn.started)
+                    metrics.TTFE_TALLY.observe(turn.first_byte - turn.started)
                 status, final = _read(batch, status, final)
             try:
                 await resp.write(chunk)

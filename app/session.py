@@ -52,6 +52,10 @@ class State(enum.Enum):
     CLOSING = "closing"
     CLOSED = "closed"
 
+    # By identity, in C: members are singletons, and Enum's own hash (of the name, in Python)
+    # ran four times a turn in `_transition`'s lookups.
+    __hash__ = object.__hash__
+
 
 _ALLOWED = {
     State.IDLE: {State.IN_FLIGHT, State.CLOSING},
@@ -263,24 +267,22 @@ class Session:
     ) -> None:
         """An error frame for a refused frame; the socket stays open (or closes, per the code)."""
         metrics.count_error(err.code)
-        self._record(model=model, received_at=now_utc(), accepted=False, error_code=str(err.code))
-        await self._send_error(err, stream_id)
-
-    def _record(self, **fields: Any) -> None:
-        """One ledger row for a `response.create` received on this socket."""
-        row = TurnRecord(
-            socket_id=self.id,
-            node=self.node.id,
-            key_id=self.principal.key_id,
-            key_prefix=self.principal.key_prefix,
-            team_id=self.principal.team_id,
-            transport="ws",
-            **fields,
+        principal = self.principal
+        self.node.ledger.record(
+            TurnRecord(
+                socket_id=self.id,
+                node=self.node.id,
+                key_id=principal.key_id,
+                key_prefix=principal.key_prefix,
+                team_id=principal.team_id,
+                transport="ws",
+                model=model,
+                received_at=now_utc(),
+                accepted=False,
+                error_code=str(err.code),
+            )
         )
-        self.node.ledger.record(row)
-        if row.accepted:
-            team = self.node.view.view.teams.get(row.team_id)
-            self.node.spend.count(row, team.limits if team else None)
+        await self._send_error(err, stream_id)
 
     async def _send_error(self, err: GatewayError, stream_id: Any = None) -> None:
         await self.client.send(err.ws_frame(stream_id))
@@ -366,42 +368,52 @@ class Session:
         self._record_turn(turn, status, None)
 
     def _record_turn(self, turn: Turn, status: str, response: dict[str, Any] | None) -> None:
+        """The ledger row of an accepted turn that ended, its cost counted (the metrics, the
+        spend counters), its log line."""
         duration = time.perf_counter() - turn.started
-        model = turn.frame.model
-        usage = response.get("usage") if response else None
-        usage_fields = charge(self.node.view.view.catalog, model, self.principal.team_id, usage)
+        node, principal, frame = self.node, self.principal, turn.frame
+        model = frame.model
         metrics.add(metrics.responses(model, status))
-        metrics.observe(metrics.RESPONSE_DURATION, duration)
-        tally = turn.tally
-        tally.flush()
-        ttfe = None if tally.first_event_at is None else tally.first_event_at - turn.started
+        metrics.DURATION_TALLY.observe(duration)
+        first = turn.tally.first_event_at
+        row = TurnRecord(
+            socket_id=self.id,
+            node=node.id,
+            key_id=principal.key_id,
+            key_prefix=principal.key_prefix,
+            team_id=principal.team_id,
+            transport="ws",
+            model=model,
+            received_at=turn.received_at,
+            accepted=True,
+            response_id=turn.response_id,
+            status=status,
+            previous_response_id=frame.previous_response_id,
+            retried=turn.retried,
+            http_fallback=turn.http_fallback,
+            memory_bound_exceeded=turn.memory_bound_exceeded,
+            ttfe_ms=None if first is None else (first - turn.started) * 1000,
+            duration_ms=duration * 1000,
+        )
+        view = node.view.view
+        if response:
+            charge(view.catalog, row, response.get("usage"))
         logs.info(
             log,
             "response",
             {
                 "socket_id": self.id,
-                "key_prefix": self.principal.key_prefix,
+                "key_prefix": principal.key_prefix,
                 "model": model,
                 "status": status,
                 "response_id": turn.response_id,
                 "duration_ms": round(duration * 10_000) / 10,  # to 0.1 ms; round(x, 1) cost 1 us
             },
         )
-        self._record(
-            model=model,
-            received_at=turn.received_at,
-            accepted=True,
-            response_id=turn.response_id,
-            status=status,
-            previous_response_id=turn.frame.previous_response_id,
-            retried=turn.retried,
-            http_fallback=turn.http_fallback,
-            memory_bound_exceeded=turn.memory_bound_exceeded,
-            **usage_fields,
-            ttfe_ms=None if ttfe is None else ttfe * 1000,
-            duration_ms=duration * 1000,
-        )
-        self.node.store.update_session(self.id, self.info)  # the listing's model and turns
+        node.ledger.record(row)
+        team = view.teams.get(row.team_id)
+        node.spend.count(row, team.limits if team else None)
+        node.store.update_session(self.id, self.info)  # the listing's model and turns
 
     # -- lifecycle ------------------------------------------------------------------------------
 

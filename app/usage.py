@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
 
 from app import metrics
+from app.ledger.rows import TurnRecord
 from app.models import Price
 
 Tokens = tuple[int, int, int, int]  # input, cached input, output, reasoning
@@ -36,33 +36,24 @@ def usage_figures(usage: object) -> Tokens | None:
     )
 
 
-_KINDS = ("input", "cached_input", "output", "reasoning")  # the `kind` label, in `Tokens` order
-
-
 def count_usage(model: str, team: str, tokens: Tokens, cost: Decimal) -> None:
-    for kind, value in zip(_KINDS, tokens, strict=True):
+    for counter, value in zip(metrics.tokens(model), tokens, strict=True):
         if value:
-            metrics.add(metrics.tokens(model, kind), value)
+            metrics.add(counter, value)
     if cost > 0:
         metrics.add(metrics.cost(team), cost)  # a Decimal, made a float when folded in
 
 
-def charge(
-    catalog: Mapping[str, Price], model: str | None, team: str, usage: object
-) -> dict[str, Any]:
-    """A finished response's usage and cost, counted in the metrics; the ledger row's fields."""
+def charge(catalog: Mapping[str, Price], row: TurnRecord, usage: object) -> None:
+    """A finished response's usage and cost, counted in the metrics and set on its ledger row
+    (which names the model and the team)."""
     tokens = usage_figures(usage)
     if tokens is None:
-        return {}
-    fields: dict[str, Any] = {
-        "input_tokens": tokens[0],
-        "cached_tokens": tokens[1],
-        "output_tokens": tokens[2],
-        "reasoning_tokens": tokens[3],
-    }
+        return
+    row.input_tokens, row.cached_tokens, row.output_tokens, row.reasoning_tokens = tokens
+    model = row.model
     price = catalog.get(model) if model else None
     if price is not None and model:
         cost = price.cost(tokens[0], tokens[1], tokens[2])
-        count_usage(model, team, tokens, cost)
-        fields["cost_usd"] = cost
-    return fields
+        count_usage(model, row.team_id, tokens, cost)
+        row.cost_usd = cost
