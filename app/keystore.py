@@ -1202,9 +1202,16 @@ class KeyStore:
                 now_ms,
                 ids.hex_token_bytes(8),  # the turn's member in the window (ZADD)
             )
-            result = await self._call(
-                self._batch.call_packed(script, Packed(packed), RATE_LIMIT_DEADLINE_SECONDS)
-            )
+            # `_call`, inlined: a coroutine less on every limited turn (the batch's future
+            # has the deadline already).
+            try:
+                result = await self._batch.call_packed(
+                    script, Packed(packed), RATE_LIMIT_DEADLINE_SECONDS
+                )
+            except _REDIS_ERRORS as exc:
+                _redis_up(0)
+                raise GatewayError(Code.SERVICE_UNAVAILABLE) from exc
+            _redis_up(1)
             raw_day, raw_month = int(result[2]), int(result[3])
             return Judged(
                 int(result[0]),

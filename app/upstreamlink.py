@@ -136,12 +136,14 @@ class UpstreamLink:
 
     async def serve(self, turn: Turn) -> None:
         """The turn's request upstream, on the socket there is or a new one (check 9)."""
-        try:
-            conn = await self._ensure()
-        except UpstreamHandshakeError as exc:
-            verdict = turnpolicy.on_handshake_failure(exc.detail)
-            await self.owner.end_turn(turn, verdict.status, error=verdict.error)
-            return
+        conn = self._current()
+        if conn is None:
+            try:
+                conn = await self._ensure()
+            except UpstreamHandshakeError as exc:
+                verdict = turnpolicy.on_handshake_failure(exc.detail)
+                await self.owner.end_turn(turn, verdict.status, error=verdict.error)
+                return
         body = turn.frame.upstream_body()
         previous = turn.frame.previous_response_id
         if conn.served == 0 and previous is not None:
@@ -167,18 +169,25 @@ class UpstreamLink:
     def connected(self) -> bool:
         """The next turn goes out on the socket there is: `serve` then only sends (no
         handshake), so the session may await it instead of running it as a task."""
+        return self._current() is not None
+
+    def _current(self) -> UpstreamConn | None:
+        """The upstream socket the next turn goes out on, if it may (open, not retired, not
+        too old); None: `_ensure` replaces it."""
         conn = self.conn
-        return (
+        if (
             conn is not None
             and conn.usable
             and conn.age < self.node.settings.upstream_max_age_seconds
-        )
+        ):
+            return conn
+        return None
 
     async def _ensure(self) -> UpstreamConn:
+        """A new upstream socket in place of the one there is (if any): warm from the pool, or
+        opened now."""
         conn = self.conn
         settings = self.node.settings
-        if conn is not None and conn.usable and conn.age < settings.upstream_max_age_seconds:
-            return conn
         if conn is not None:
             self.conn = self.raw = None
             if not conn.ws.closed:
