@@ -102,7 +102,8 @@ SESSION_INFO_BATCH_SECONDS = 0.25
 SESSION_INFO_CHUNK = 256
 RATE_SPARE_FILL = 0.5
 RATE_SPARE_SECONDS = 0.5
-JUDGMENTS_KEPT = 10_000  # keys' packed judgments kept (`pack_judgment`), all dropped when full
+# Keys' packed judgments kept (`pack_judgment`, and `pack_add`'s), all dropped when full.
+JUDGMENTS_KEPT = 10_000
 ASKED_MAX = 50_000  # keys remembered for the spares' test before the old ones are dropped
 # An admin write whose records another write changed between its read and its commit reads and
 # decides again, this many times at most (two writers settle in two tries).
@@ -617,6 +618,7 @@ class KeyStore:
         self._spares: dict[str, _Spares] = {}
         # (key, team, day, month) -> the judgment's limits, script SHA and packed pieces
         self._judgments: dict[tuple[str, str, str, str], Any] = {}
+        self._adds: dict[tuple[str, str, str, str, bool], tuple[str, bytes]] = {}
         self._asked: dict[str, float] = {}  # key id -> when this node last asked its window
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -1280,6 +1282,38 @@ class KeyStore:
             parts[4],
         )
 
+    def pack_add(
+        self,
+        key_id: str,
+        team_id: str,
+        day: str,
+        month: str,
+        nano: int,
+        tokens: int,
+        second: int,
+    ) -> bytes:
+        """`_ADD`'s `EVALSHA` for one entry on one server, as RESP: the key's day, the team's day
+        and month counters (and the key's token window when `tokens`), then ARGV. The part
+        before ARGV is packed once per key, team, periods and token flag, and kept, as
+        `pack_judgment` keeps its own."""
+        sha = self._add.sha
+        shape = (key_id, team_id, day, month, tokens > 0)
+        parts = self._adds.get(shape)
+        if parts is None or parts[0] != sha:
+            names = [
+                self.key_spend(key_id, day),
+                self.team_spend(team_id, day),
+                self.team_spend(team_id, month),
+            ]
+            if tokens:
+                names.append(self.token_window(key_id))
+            head = ("EVALSHA", sha, len(names), *names)
+            parts = (sha, b"*%d\r\n%b" % (len(head) + 3, _items(head)))  # and ARGV's 3
+            if len(self._adds) >= JUDGMENTS_KEPT:
+                self._adds.clear()
+            self._adds[shape] = parts
+        return parts[1] + _items((nano, tokens, second))
+
     def unjudge(self, key_id: str, member: str) -> None:
         """Take back a turn counted in the key's window that the team's spend then refused."""
         future = self._batch.command("ZREM", self.rate_window(key_id), member)
@@ -1297,12 +1331,17 @@ class KeyStore:
         fails with what the batch raised."""
         second = int(time.time())
         calls = []
+        if not self.cluster:
+            for key_id, team_id, day, month, nano, tokens in counts:
+                packed = self.pack_add(key_id, team_id, day, month, nano, tokens, second)
+                calls.append(self._batch.call_packed(self._add, Packed(packed)))
+            # One entry (the norm: a node's next judgment takes its last count along): its
+            # future as it is, not a gathering of one.
+            return calls[0] if len(calls) == 1 else asyncio.gather(*calls)
         teams: dict[tuple[str, str, str], int] = {}
         for key_id, team_id, day, month, nano, tokens in counts:
-            names = [self.key_spend(key_id, day)]
-            if not self.cluster:
-                names += [self.team_spend(team_id, day), self.team_spend(team_id, month)]
-            elif nano:
+            names = [self.key_spend(key_id, day)]  # the team's counters: another slot
+            if nano:
                 teams[(team_id, day, month)] = teams.get((team_id, day, month), 0) + nano
             if tokens:
                 names.append(self.token_window(key_id))

@@ -434,6 +434,44 @@ async def test_a_judgment_packed_in_pieces_is_the_command_redis_py_packs(
         await store.close()
 
 
+async def test_a_count_packed_in_pieces_is_the_command_redis_py_packs(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """`KeyStore.pack_add` keeps an entry's `EVALSHA` packed up to its arguments: joined, the
+    bytes are redis-py's own packing of the whole call, with and without tokens (a name more),
+    for names of every kind and after the script changed."""
+    from redis.asyncio.connection import Connection
+
+    store = KeyStore(redis_url, redis_prefix + "\u00e9", cluster=REDIS_CLUSTER)
+    plain = Connection()
+    day, month = "d20261206", "m202612"
+
+    def expected(key: str, team: str, nano: int, tokens: int, second: int) -> bytes:
+        names = [store.key_spend(key, day), store.team_spend(team, day)]
+        names.append(store.team_spend(team, month))
+        if tokens:
+            names.append(store.token_window(key))
+        call = ("EVALSHA", store._add.sha, len(names), *names, nano, tokens, second)
+        return b"".join(plain.pack_command(*call))
+
+    entries = [
+        ("k1", "t\u2603", 1_250_000, 0, 1796564819),
+        ("k1", "t\u2603", 7, 0, 1796564820),  # the same shape: its head, kept
+        ("k1", "t\u2603", 0, 12_345, 1796564821),  # tokens: the token window too
+        ("k1", "t\u2603", 2**62, 0, 1796564822),  # and back: the shape without it, kept
+        ("k-2", "team two", 0, 0, 0),
+    ]
+    try:
+        for key, team, nano, tokens, second in entries:
+            packed = store.pack_add(key, team, day, month, nano, tokens, second)
+            assert packed == expected(key, team, nano, tokens, second), (key, nano, tokens)
+        store._add = store.redis.register_script(f"{keystore._ADD}\n-- changed")
+        packed = store.pack_add("k1", "t\u2603", day, month, 5, 0, 9)
+        assert packed == expected("k1", "t\u2603", 5, 0, 9)
+    finally:
+        await store.close()
+
+
 @pytest.mark.skipif(REDIS_CLUSTER, reason="a Cluster's pipeline packs and reads its own replies")
 async def test_a_batch_keeps_each_reply_in_its_place_an_error_or_a_lost_script_included(
     redis_url: str, redis_prefix: str
