@@ -152,7 +152,7 @@ def parse_json_object(data: str | bytes) -> dict[str, Any]:
         raise _invalid("Expected one JSON object; the frame is not valid JSON.") from None
     if not isinstance(value, dict):
         raise _invalid(f"Expected one JSON object, got {_type_name(value)}.")
-    if _may_be_deep(data):
+    if len(data) > MAX_DEPTH and _may_be_deep(data):  # fewer characters cannot nest so deep
         try:
             orjson.dumps(value)
         except TypeError:
@@ -169,22 +169,35 @@ def _may_be_deep(data: str | bytes) -> bool:
 
 def flatten(frame: dict[str, Any]) -> dict[str, Any]:
     """The nested shape `{"type":…,"response":{…}}` means the flat one; inside wins."""
-    nested = frame.get("response")
-    fields = {k: v for k, v in frame.items() if k != "type"}
+    fields = frame.copy()  # in C; the frame is the caller's to drop
+    fields.pop("type", None)
+    nested = fields.get("response")
     if isinstance(nested, dict):
         del fields["response"]
         fields.update(nested)
-    for key in [k for k, v in fields.items() if v is None and k in KNOWN_FIELDS]:
-        del fields[key]
+    if None in fields.values():  # rare: look for the nulls only when there is one
+        for key in [k for k, v in fields.items() if v is None and k in KNOWN_FIELDS]:
+            del fields[key]
     return fields
+
+
+# Model names that passed check 3, so that a socket's every turn does not match the pattern again
+# (a few names a node; dropped whole when full).
+_VALID_MODELS: set[str] = set()
+_VALID_MODELS_KEPT = 1024
 
 
 def check_model(value: object) -> str:
     """Check 3: `openai/<model>`."""
+    if type(value) is str and value in _VALID_MODELS:  # a list or an object is unhashable
+        return value
     if value is None:
         raise _invalid("Missing model: expected 'openai/<model>'.", "model")
     if not isinstance(value, str) or not MODEL_RE.match(value):
         raise _invalid(f"Invalid model {value!r}: expected 'openai/<model>'.", "model")
+    if len(_VALID_MODELS) >= _VALID_MODELS_KEPT:
+        _VALID_MODELS.clear()
+    _VALID_MODELS.add(value)
     return value
 
 
@@ -199,14 +212,21 @@ def normalize_query_model(value: str) -> str:
 
 def check_fields(fields: dict[str, Any]) -> None:
     """Check 4: known fields' types and ranges; the first violation in `_CHECKS`' order wins.
-    Only the fields the frame has are looked at (a handful, against the 28 checked)."""
-    present = [name for name in fields if name in _CHECKS]
-    if len(present) > 1:
-        present.sort(key=_RANK.__getitem__)
-    for name in present:
-        value = fields[name]
-        if value is not None:
-            _CHECKS[name](name, value)
+    Only the fields the frame has are looked at (a handful, against the 28 checked), in the
+    frame's order; when one fails, all are looked at again in `_CHECKS`' order."""
+    checks = _CHECKS
+    try:
+        for name, value in fields.items():
+            check = checks.get(name)
+            if check is not None and value is not None:
+                check(name, value)
+    except GatewayError:
+        present = sorted((name for name in fields if name in checks), key=_RANK.__getitem__)
+        for name in present:
+            value = fields[name]
+            if value is not None:
+                checks[name](name, value)
+        raise
 
 
 def _range(low: float, high: float) -> Callable[[str, Any], None]:
@@ -250,9 +270,7 @@ def _tool_choice(name: str, value: Any) -> None:
         raise _invalid("tool_choice must be a string or an object.", name)
 
 
-def _check_metadata(value: object) -> None:
-    if value is None:
-        return
+def _check_metadata(_name: str, value: object) -> None:
     if not isinstance(value, dict):
         raise _invalid(f"metadata must be an object, got {_type_name(value)}.", "metadata")
     if len(value) > 16:
@@ -272,7 +290,7 @@ _CHECKS: dict[str, Callable[[str, Any], None]] = {
     "top_logprobs": _top_logprobs,
     "max_output_tokens": _max_output_tokens,
     "max_tool_calls": _max_tool_calls,
-    "metadata": lambda _name, value: _check_metadata(value),
+    "metadata": _check_metadata,
     "input": _input,
     **{name: _kind(bool, "a boolean") for name in _BOOL_FIELDS},
     **{name: _kind(str, "a string") for name in _STR_FIELDS},

@@ -13,6 +13,13 @@ if TYPE_CHECKING:
 
 def check_route(node: Node, team: Team | None, model: str) -> None:
     """Every failing reason, in the contract's order, in the message and `error.details`."""
+    if (
+        team is not None
+        and team.allows(model)
+        and node.credential(team.upstream_credential)
+        and model in node.view.view.catalog
+    ):
+        return  # routable: no list of reasons to build
     reasons: list[str] = []
     if team is None or not team.allows(model):
         reasons.append("model_not_allowed")
