@@ -8,7 +8,7 @@ import orjson
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app import logs, metrics
+from app import logs, metrics, shed
 from app.clientlink import CLOSE_HANDSHAKE_SECONDS
 from app.errors import Code, GatewayError
 from app.http import answers_own_errors, error_response
@@ -71,6 +71,7 @@ async def responses_ws(request: web.Request) -> web.StreamResponse:
     ws, socket_id = session.ws, session.id
     try:
         await ws.prepare(request)
+        shed.server_handshake(request)
         session.watch_outbound(request.transport)
         node.add_session(session)
         metrics.ACCEPTED.inc()

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app import sse
+from app import shed, sse
 from app.redact import redact_bytes
 
 USER_AGENT = "openai-ws-gateway/0.1"
@@ -105,6 +105,7 @@ async def open_upstream(
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamHandshakeError(f"upstream unreachable ({type(exc).__name__})") from None
+    shed.client_handshake(ws)
     return UpstreamConn(ws)
 
 

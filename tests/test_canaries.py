@@ -31,9 +31,11 @@ from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.connection import Connection
 
+from app import shed
 from app.rawpath import RawForwarder
 
 RAWPATH = "app/rawpath.py RawForwarder.install/feed_data"
+SHED = "app/shed.py"
 TALLY = "app/metrics.py Tally"
 HIREDIS_PACKING = "app/keystore.py _HiredisPacking/_hiredis_packing"
 REPLIES = "app/keystore.py _replies"
@@ -121,7 +123,77 @@ async def test_aiohttp_feeds_received_bytes_to_the_payload_parser_slot(
     )
 
 
+async def test_aiohttp_client_socket_sheds_its_handshake_and_still_serves(
+    client_ws: aiohttp.ClientWebSocketResponse,
+) -> None:
+    """`shed.client_handshake` finds the parts it drops (a False here means aiohttp moved them:
+    every upstream socket would keep its handshake again), and the socket then serves turns,
+    closes cleanly, and sees its connection end without the parser."""
+    moved = f"aiohttp: a client socket's handshake parts moved ({SHED})"
+    assert shed.client_handshake(client_ws), moved
+    assert _protocol(client_ws)._parser is None
+    assert not client_ws._response.headers and not client_ws._response.request_info.headers
+    for _ in range(2):
+        await send(client_ws, create())
+        assert (await until_terminal(client_ws))[-1]["type"] == "response.completed"
+    await client_ws.close()
+    assert client_ws.close_code == 1000
+
+
+async def test_aiohttp_client_socket_shed_of_its_handshake_survives_a_dropped_connection(
+    sim: Sim,
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+        ws = await http.ws_connect(sim.base_url + "/responses", headers=headers)
+        assert shed.client_handshake(ws)
+        _protocol(ws).transport.abort()  # connection_lost, with no parser to feed the end to
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR), msg
+        assert ws.closed
+
+
 # aiohttp: the server side (app/handlers.py, app/listener.py, app/cli.py)
+
+
+async def test_aiohttp_server_socket_sheds_its_handshake_parser_and_still_serves(
+    aiohttp_client: Any,
+) -> None:
+    """`shed.server_handshake` finds the parser it drops, and the socket then echoes, closes
+    cleanly, and ends without it when its client drops the connection."""
+    shed_done: list[bool] = []
+    ended: list[str] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        shed_done.append(shed.server_handshake(request))
+        shed_done.append(request.protocol._parser is None)  # type: ignore[union-attr]
+        try:
+            async for msg in ws:
+                await ws.send_str(f"echo {msg.data}")
+        finally:  # the end of its connection may cancel the handler
+            ended.append("ended")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    async with client.ws_connect("/") as ws:
+        for text in ("one", "two"):
+            await ws.send_str(text)
+            assert (await ws.receive()).data == f"echo {text}"
+    assert ws.close_code == 1000
+    dropped = await client.ws_connect("/")
+    await dropped.send_str("three")
+    assert (await dropped.receive()).data == "echo three"
+    dropped._conn.protocol.transport.abort()
+    for _ in range(50):
+        if len(ended) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert shed_done == [True, True, True, True], f"aiohttp: the server's parser moved ({SHED})"
+    assert ended == ["ended", "ended"]
 
 
 async def test_aiohttp_server_socket_hands_text_over_undecoded(aiohttp_client: Any) -> None:
