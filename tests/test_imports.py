@@ -8,9 +8,10 @@ as importing the package `app.a` too, except from inside that package.
 The layers, bottom first; a module may import its own layer or a lower one:
 
 1. foundation: errors, config, models, ids, metrics, protocol, the pure parts of auth
-   (principal, guard), `live` (what the node sees of a socket), HTTP/SSE plumbing;
+   (principal, guard), `live` (what the node sees of a socket), HTTP/SSE/WebSocket plumbing;
 2. the one owner of each dependency: keystore (Redis), ledger (SQL), upstream and its pool
-   (OpenAI), conversation memory, the raw forwarding path;
+   (OpenAI), conversation memory, the raw forwarding path; a turn, and its usage and cost (on
+   its ledger row);
 3. auth over the store: the node's view of the store, the digest filter, the authenticator and
    the expulsion sweep;
 4. the node and routing (what a node holds, and check 5 against it);
@@ -43,7 +44,7 @@ LAYERS: list[list[str]] = [
         "app.sse",
         "app.http",
         "app.logs",
-        "app.usage",
+        "app.shed",
         "app.eventloop",
         "app.auth",
         "app.auth.principal",
@@ -60,6 +61,7 @@ LAYERS: list[list[str]] = [
         "app.memory",
         "app.rawpath",
         "app.turn",
+        "app.usage",
     ],
     ["app.view", "app.auth.digests", "app.auth.authenticator", "app.spend"],
     ["app.node", "app.routing"],
