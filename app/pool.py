@@ -4,7 +4,7 @@ A customer socket's first turn would otherwise wait for the upstream handshake (
 distance to OpenAI, 100-200 ms). The pool keeps `GATEWAY_UPSTREAM_POOL_SIZE` idle upstream sockets
 open per credential NAME in use on this node (the default `OPENAI_API_KEY` and every name a team
 points at, when it resolves to a value here) and hands one to a session on its first turn
-(`UpstreamLink._ensure`), then opens a replacement in the background.
+(`UpstreamLink._replace`), then opens a replacement in the background.
 
 A pooled socket is an ordinary `UpstreamConn` from `open_upstream`: `served == 0` (OpenAI's cache
 on it is empty, so a chained first turn continues from the conversation memory) and its age counts

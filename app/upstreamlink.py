@@ -139,7 +139,7 @@ class UpstreamLink:
         conn = self._current()
         if conn is None:
             try:
-                conn = await self._ensure()
+                conn = await self._replace()
             except UpstreamHandshakeError as exc:
                 verdict = turnpolicy.on_handshake_failure(exc.detail)
                 await self.owner.end_turn(turn, verdict.status, error=verdict.error)
@@ -173,7 +173,7 @@ class UpstreamLink:
 
     def _current(self) -> UpstreamConn | None:
         """The upstream socket the next turn goes out on, if it may (open, not retired, not
-        too old); None: `_ensure` replaces it."""
+        too old); None: `_replace` opens another."""
         conn = self.conn
         if (
             conn is not None
@@ -183,7 +183,7 @@ class UpstreamLink:
             return conn
         return None
 
-    async def _ensure(self) -> UpstreamConn:
+    async def _replace(self) -> UpstreamConn:
         """A new upstream socket in place of the one there is (if any): warm from the pool, or
         opened now."""
         conn = self.conn
