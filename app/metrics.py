@@ -60,19 +60,20 @@ class _Pending:
     __slots__ = ("adds", "sets", "soon", "tallies")
 
     def __init__(self) -> None:
-        # A counter's child, or a histogram's bucket or sum -> the amount to add (an int, a
-        # float or a Decimal); a gauge's child -> the value it was last set to.
+        # A counter's child -> the amount to add (an int, a float or a Decimal); a gauge's
+        # child -> the value it was last set to.
         self.adds: dict[Any, Any] = {}
         self.sets: dict[Any, float] = {}
         self.soon = False
-        # One per histogram the hot path observes (`tally`): its observations, added up.
-        self.tallies: list[Tally] = []
+        # A histogram observed (`tally`) -> its observations, added up.
+        self.tallies: dict[Histogram, Tally] = {}
 
     def tally(self, histogram: Histogram) -> Tally:
-        """The histogram's `Tally`, folded in with the rest."""
-        tally = Tally(histogram)
-        self.tallies.append(tally)
-        return tally
+        """The histogram's `Tally` (made when first asked for), folded in with the rest."""
+        found = self.tallies.get(histogram)
+        if found is None:
+            found = self.tallies[histogram] = Tally(histogram)
+        return found
 
     def arm(self) -> None:
         """Several workers: fold at the end of this round of callbacks (none running: now)."""
@@ -96,7 +97,7 @@ class _Pending:
             sets, self.sets = self.sets, {}
             for gauge, value in sets.items():
                 gauge.set(value)
-        for tally in self.tallies:
+        for tally in self.tallies.values():
             tally.fold()
 
     def describe(self) -> list[Any]:  # a collector of REGISTRY that collects nothing itself
@@ -113,8 +114,7 @@ REGISTRY.register(PENDING)
 
 
 def add(target: Any, amount: float | Decimal = 1) -> None:
-    """`target.inc(amount)`, folded in later (`_Pending`); `target` a counter's child or a
-    histogram's bucket or sum."""
+    """`target.inc(amount)`, folded in later (`_Pending`); `target` a counter's child."""
     adds = PENDING.adds
     adds[target] = adds.get(target, 0) + amount
     if MULTIPROC_DIR is not None:
@@ -129,11 +129,10 @@ def set_gauge(gauge: Gauge, value: float) -> None:
 
 
 def observe(histogram: Histogram, amount: float) -> None:
-    """`histogram.observe(amount)` (unlabelled, no exemplar), folded in later (`_Pending`): a C
-    bisect for the bucket instead of prometheus-client's walk of the bounds in Python. The
-    histograms a turn observes have a `Tally` of their own (`DURATION`, `TTFE`): cheaper."""
-    add(histogram._buckets[bisect_left(histogram._upper_bounds, amount)], 1)
-    add(histogram._sum, amount)
+    """`histogram.observe(amount)` (unlabelled, no exemplar), through the histogram's `Tally`:
+    folded in later (`_Pending`). The hot path holds its histograms' tallies (`TTFE_TALLY`,
+    `DURATION_TALLY`, `OVERHEAD_TALLY`) and skips this lookup."""
+    PENDING.tally(histogram).observe(amount)
 
 
 # Sub-millisecond buckets: the gateway's own work per forwarded event (tens of microseconds).
@@ -379,9 +378,11 @@ def responses(model: str, status: str) -> Counter:
 @lru_cache(maxsize=4096)
 def tokens(model: str) -> tuple[Counter, Counter, Counter, Counter]:
     """The model's token counters, by kind: input, cached_input, output, reasoning."""
-    return tuple(  # type: ignore[return-value]
-        TOKENS_TOTAL.labels(model=model, kind=kind)
-        for kind in ("input", "cached_input", "output", "reasoning")
+    return (
+        TOKENS_TOTAL.labels(model=model, kind="input"),
+        TOKENS_TOTAL.labels(model=model, kind="cached_input"),
+        TOKENS_TOTAL.labels(model=model, kind="output"),
+        TOKENS_TOTAL.labels(model=model, kind="reasoning"),
     )
 
 

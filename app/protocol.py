@@ -152,7 +152,7 @@ def parse_json_object(data: str | bytes) -> dict[str, Any]:
         raise _invalid("Expected one JSON object; the frame is not valid JSON.") from None
     if not isinstance(value, dict):
         raise _invalid(f"Expected one JSON object, got {_type_name(value)}.")
-    if len(data) > MAX_DEPTH and _may_be_deep(data):  # fewer characters cannot nest so deep
+    if _may_be_deep(data):
         try:
             orjson.dumps(value)
         except TypeError:
@@ -161,7 +161,10 @@ def parse_json_object(data: str | bytes) -> dict[str, Any]:
 
 
 def _may_be_deep(data: str | bytes) -> bool:
-    """Cheap bound: fewer than MAX_DEPTH brackets cannot nest MAX_DEPTH deep."""
+    """Cheap bound: fewer than MAX_DEPTH brackets (let alone characters) cannot nest MAX_DEPTH
+    deep."""
+    if len(data) <= MAX_DEPTH:
+        return False
     if isinstance(data, str):
         return data.count("[") + data.count("{") > MAX_DEPTH
     return data.count(b"[") + data.count(b"{") > MAX_DEPTH
