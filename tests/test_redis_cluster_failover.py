@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 import redis.exceptions as rex
 from conftest import Gateway, eventually, make_tenant
-from services import RedisCluster, RedisClusterNode, redis_command
+from services import RedisCluster, RedisClusterNode, redis_command, tail
 from test_admin_live import expelled, socket
 from test_redis_sentinel import (
     GIVE_UP_SECONDS,
@@ -35,6 +35,7 @@ from test_redis_sentinel import (
     admin_until_served,
     no_tracebacks,
     report_failover,
+    settle,
     status_of,
     stream_one,
 )
@@ -159,8 +160,9 @@ async def key_on_shard(
     raise AssertionError("no key id in the shard after 50 tries")
 
 
-async def wait_promotion(seed: RedisClusterNode, old: ClusterNode) -> float:
-    """Until a surviving node sees the killed primary's replica as a master."""
+async def wait_promotion(seed: RedisClusterNode, old: ClusterNode, cluster: RedisCluster) -> float:
+    """Until a surviving node sees the killed primary's replica as a master. If none does, the
+    failure shows the replicas' own logs: they say why no election was won."""
     deadline = time.monotonic() + GIVE_UP_SECONDS
     while time.monotonic() < deadline:
         nodes = await asyncio.to_thread(cluster_nodes, seed.port)
@@ -169,7 +171,15 @@ async def wait_promotion(seed: RedisClusterNode, old: ClusterNode) -> float:
         ):
             return time.monotonic()
         await asyncio.sleep(0.05)
-    raise AssertionError(f"no replica of :{old.port} promoted after {GIVE_UP_SECONDS:g} s: {nodes}")
+    replicas = {n.port for n in nodes if n.master_id == old.id}
+    logs = "".join(
+        f"\n--- :{node.port}\n{tail(node.log_path, 30)}"
+        for node in cluster.nodes
+        if node.port in replicas
+    )
+    raise AssertionError(
+        f"no replica of :{old.port} promoted after {GIVE_UP_SECONDS:g} s: {nodes}{logs}"
+    )
 
 
 async def test_cluster_primary_killed_under_load(
@@ -201,14 +211,17 @@ async def test_cluster_primary_killed_under_load(
             )
             for i in range(STREAMS)
         ]
+        stack.push_async_callback(settle, streams)
         await asyncio.wait_for(ready.wait(), 15)
-        steady = Handshakes([gateway, node_b], tenant.key, 20)
-        runner = asyncio.create_task(steady.run())
+        steady = await stack.enter_async_context(Handshakes([gateway, node_b], tenant.key, 20))
         await asyncio.sleep(0.5)
-        await asyncio.to_thread(redis_command, "127.0.0.1", old.port, "WAIT", "1", "1000")
+        acked = await asyncio.to_thread(
+            redis_command, "127.0.0.1", old.port, "WAIT", "1", "1000", timeout=3.0
+        )
+        assert acked == 1, "the replica is not in sync: it would never be promoted"
         t0 = time.monotonic()
         await asyncio.to_thread(next(n for n in failover_cluster.nodes if n.port == old.port).kill)
-        promoted = await wait_promotion(seed, old)
+        promoted = await wait_promotion(seed, old, failover_cluster)
         body = await admin_until_served(gateway, "POST", f"/keys/{victim_id}/revoke")
         revoked = time.monotonic()
         assert body["id"] == victim_id
@@ -220,8 +233,6 @@ async def test_cluster_primary_killed_under_load(
         ]
         seen = time.monotonic()
         ends = await asyncio.gather(*streams)
-        steady.stop()
-        await runner
     report_failover(
         f"cluster failover timeline (s after SIGKILL of the primary :{old.port}, slot {slot})",
         "promotion seen in CLUSTER NODES",

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import orjson
@@ -221,12 +221,24 @@ def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
 
 
 class Handshakes:
-    """New handshakes at a steady rate on two nodes, each one's outcome recorded."""
+    """New handshakes at a steady rate on two nodes, each one's outcome recorded; they run
+    while the `async with` block does. Its end waits for the ones in flight, also when the
+    block fails: none outlives the test (and its gateways) to log into the next one."""
 
     def __init__(self, nodes: list[Gateway], key: str, per_second: float) -> None:
         self.nodes, self.key, self.interval = nodes, key, 1 / per_second
         self.results: list[tuple[float, int, str, float]] = []  # started, status, code, seconds
         self._stop = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._runner = asyncio.create_task(self.run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.stop()
+        if self._runner is not None:
+            await self._runner
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=10)
@@ -251,6 +263,14 @@ class Handshakes:
     def first_served_after(self, when: float) -> float | None:
         ok = [s + t for s, status, _, t in self.results if status == 101 and s >= when]
         return min(ok) if ok else None
+
+
+async def settle(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel what is still running and collect every outcome: a test that fails half-way
+    leaves no task to fail later, in another test's logs."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -316,20 +336,18 @@ async def test_coordinated_failover_readonly_answers_become_503_then_service(
     assert old is not None
     for gw in (gateway, node_b):  # fill both pools with connections to the old primary
         await asyncio.gather(*(gw.store.version() for _ in range(32)))
-    steady = Handshakes([gateway, node_b], tenant.key, 20)
-    runner = asyncio.create_task(steady.run())
-    await asyncio.sleep(0.3)
-    began = time.monotonic()
-    await asyncio.to_thread(
-        redis_command, "127.0.0.1", topology.sentinels[0].port, "SENTINEL", "FAILOVER", "mymaster"
-    )
-    promoted = await wait_promotion(topology, old)
-    await admin_until_served(
-        gateway, "POST", "/teams", {"id": "after-readonly", "allowed_models": ["openai/gpt-*"]}
-    )
-    await asyncio.sleep(1.0)
-    steady.stop()
-    await runner
+    async with Handshakes([gateway, node_b], tenant.key, 20) as steady:
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        await asyncio.to_thread(
+            redis_command,
+            "127.0.0.1", topology.sentinels[0].port, "SENTINEL", "FAILOVER", "mymaster",
+        )  # fmt: skip
+        promoted = await wait_promotion(topology, old)
+        await admin_until_served(
+            gateway, "POST", "/teams", {"id": "after-readonly", "allowed_models": ["openai/gpt-*"]}
+        )
+        await asyncio.sleep(1.0)
     first = steady.first_served_after(promoted)
     print(
         f"\nSENTINEL FAILOVER: promotion +{promoted - began:.2f} s; "
@@ -443,11 +461,14 @@ async def test_primary_killed_under_load(
             )
             for i in range(STREAMS)
         ]
+        stack.push_async_callback(settle, streams)
         await asyncio.wait_for(ready.wait(), 15)
-        steady = Handshakes([gateway, node_b], steady_key, 20)
-        runner = asyncio.create_task(steady.run())
+        steady = await stack.enter_async_context(Handshakes([gateway, node_b], steady_key, 20))
         await asyncio.sleep(0.5)
-        await asyncio.to_thread(redis_command, "127.0.0.1", old, "WAIT", "1", "1000")
+        acked = await asyncio.to_thread(
+            redis_command, "127.0.0.1", old, "WAIT", "1", "1000", timeout=3.0
+        )
+        assert acked == 1, "the replica is not in sync: it would never be promoted"
         t0 = time.monotonic()
         await asyncio.to_thread(topology.node_at(old).kill)
         promoted = await wait_promotion(topology, old)
@@ -462,8 +483,6 @@ async def test_primary_killed_under_load(
         ]
         seen = time.monotonic()
         ends = await asyncio.gather(*streams)
-        steady.stop()
-        await runner
     report_failover(
         f"failover timeline (s after SIGKILL of the primary :{old})",
         "promotion seen on the Sentinels",
