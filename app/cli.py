@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the parent of `--workers N` for each worker it starts (app/supervisor.py).
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--places-file", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     sim = sub.add_parser("simulate", help="run the bundled upstream simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8081)
@@ -66,7 +68,12 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start-up: a stop then still drains
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(settings)
+    places = None
+    if args.places_file is not None:
+        from app.places import SharedPlaces
+
+        places = SharedPlaces(settings.max_sockets, args.places_file, args.worker_index)
+    app = create_app(settings, places)
     runner = GatewayRunner(
         app, handshake_seconds=settings.handshake_seconds, handle_signals=False, access_log=None
     )

@@ -21,6 +21,7 @@ from app.ledger.sums import SpendSums
 from app.live import LiveSocket
 from app.memory import MemoryBudget
 from app.models import DEFAULT_CREDENTIAL
+from app.places import Places
 from app.pool import UpstreamPool
 from app.spend import REBUILD_TIMEOUT_SECONDS, SpendBook
 from app.view import NodeView
@@ -88,8 +89,12 @@ class DueSlots:
 
 
 class Node:
-    def __init__(self, settings: Settings, store: KeyStore, ledger: Ledger) -> None:
+    def __init__(
+        self, settings: Settings, store: KeyStore, ledger: Ledger, places: Places | None = None
+    ) -> None:
         self.settings = settings
+        # GATEWAY_MAX_SOCKETS: this process' count, or with --workers its slot of the node's.
+        self.places = places or Places(settings.max_sockets)
         self.store = store
         self.ledger = ledger
         self.id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

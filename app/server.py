@@ -19,6 +19,7 @@ from app.keystore import KeyStore
 from app.ledger import Ledger
 from app.live import LiveSocket
 from app.node import NODE, Node
+from app.places import Places
 from app.session import State
 
 log = logging.getLogger("gateway.server")
@@ -27,7 +28,9 @@ log = logging.getLogger("gateway.server")
 _CLOSE_WAIT_SECONDS = 2.0
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, places: Places | None = None) -> web.Application:
+    """The gateway's application. `places`: a worker's slot of its node's socket count
+    (app/places.py); one process counts its own."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_frame_bytes)
     store = KeyStore.from_settings(settings)
     retention = settings.ledger_retention_days
@@ -36,7 +39,7 @@ def create_app(settings: Settings) -> web.Application:
         settings.spill_dir,
         retention=timedelta(days=retention) if retention else None,
     )
-    node = Node(settings, store, ledger)
+    node = Node(settings, store, ledger, places)
     app[NODE] = node
     app[AUTH_GUARD] = AuthGuard.from_settings(settings)
 

@@ -9,8 +9,10 @@ The parent
 - prints `gateway listening on …` once every worker listens;
 - forwards SIGTERM and SIGINT to the workers, which drain (CONTRACT.md §6) and exit; it exits 0
   when every worker exited 0;
-- marks a dead worker's live gauges dead (`mark_process_dead`) and starts a new one when it died
-  on its own.
+- makes the file of the workers' socket counts (app/places.py), so `GATEWAY_MAX_SOCKETS` holds
+  for the node, not for each worker;
+- marks a dead worker's live gauges dead (`mark_process_dead`), zeroes its socket count, and
+  starts a new one when it died on its own.
 
 Each worker listens on the port with SO_REUSEPORT; the kernel spreads new connections over them.
 While draining a worker keeps listening (its handshakes get 503); a worker that lost its parent
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from app.config import ConfigError, Settings
+from app.places import clear_slot, create_slots
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -77,6 +80,7 @@ class Supervisor:
         self.count = workers
         self.workers: dict[int, _Worker] = {}  # by index
         self.metrics_dir = ""
+        self.places_file = ""
         self.port = settings.port
         self.stopping = False
         self.stop_deadline = 0.0
@@ -94,6 +98,7 @@ class Supervisor:
 
     def _spawn(self, index: int, *, wait_ready: bool) -> _Worker:
         command = [sys.executable, "-m", "app", "serve", "--reuse-port"]
+        command += ["--places-file", self.places_file, "--worker-index", str(index)]
         read_fd: int | None = None
         pass_fds: tuple[int, ...] = ()
         if wait_ready:
@@ -137,7 +142,12 @@ class Supervisor:
                 continue
             del self.workers[index]
             self._mark_dead(worker.proc.pid)
+            clear_slot(self.places_file, index)  # its sockets died with it
             if self.stopping:
+                if code == -signal.SIGTERM:
+                    # Killed by the stop's SIGTERM: it came before the worker set up its drain,
+                    # which it does before it listens, so it had nothing to drain.
+                    code = 0
                 self.exit_codes[index] = code
                 log.info("worker exited", extra={"worker": index, "exit_code": code})
                 continue
@@ -184,6 +194,9 @@ class Supervisor:
         reserved = reserve_port(self.settings.host, self.settings.port)
         self.port = reserved.getsockname()[1]
         self.metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        # Not a *.db file: prometheus-client reads only those in its directory.
+        self.places_file = os.path.join(self.metrics_dir, "socket-places")
+        create_slots(self.places_file, self.count)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:

@@ -45,6 +45,7 @@ LAYERS: list[list[str]] = [
         "app.http",
         "app.logs",
         "app.shed",
+        "app.places",
         "app.eventloop",
         "app.auth",
         "app.auth.principal",

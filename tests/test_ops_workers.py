@@ -222,6 +222,56 @@ async def test_metrics_add_up_the_sockets_of_every_worker(
         assert await asyncio.wait_for(served.proc.wait(), 20) == 0
 
 
+async def test_the_socket_cap_is_the_nodes_across_its_workers(
+    sim: Sim, redis_url: str, redis_prefix: str, database_url: str, tmp_path: Path
+) -> None:
+    """GATEWAY_MAX_SOCKETS=6 on two workers: 16 handshakes at once get 6 sockets in all, not 6
+    a worker, and 503 `server_overloaded` for the rest. A worker killed outright gives its
+    places back. A stop while its replacement starts exits 0."""
+    async with (
+        serve_workers(
+            tmp_path, sim, redis_url, redis_prefix, database_url, GATEWAY_MAX_SOCKETS="6"
+        ) as served,
+        aiohttp.ClientSession() as http,
+        contextlib.AsyncExitStack() as stack,
+    ):
+
+        async def grab() -> int:
+            try:
+                await stack.enter_async_context(
+                    http.ws_connect(served.ws_url(), headers=served.headers)
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+            return 101
+
+        got = await asyncio.gather(*(grab() for _ in range(16)))
+        assert sorted(got) == [101] * 6 + [503] * 10, got
+        nodes = await session_nodes(http, served)
+        assert len(nodes) == 6
+        victim = Counter(nodes).most_common(1)[0][0]
+        freed = nodes.count(victim)
+        os.kill(int(victim.rsplit("-", 2)[1]), signal.SIGKILL)
+
+        async def served_again() -> None:
+            assert await grab() == 101  # 503 until the parent has seen the worker die
+
+        for _ in range(freed):
+            await eventually(served_again, timeout=15, interval=0.1)
+        assert await grab() == 503  # full again: 6 sockets
+
+        async def restarting() -> None:
+            log = await asyncio.to_thread(served.stderr.read_text)
+            assert log.count('"message":"worker started"') == 3
+
+        # The stop comes while the dead worker's replacement is still starting, before it set up
+        # its drain: it had nothing to drain, so the stop is still a clean one.
+        await eventually(restarting, timeout=15, interval=0.02)
+        served.proc.send_signal(signal.SIGTERM)
+        await stack.aclose()
+        assert await asyncio.wait_for(served.proc.wait(), 20) == 0
+
+
 async def refused_handshake(http: aiohttp.ClientSession, served: Served) -> int | None:
     """The status a new handshake gets (None: accepted, closed again at once)."""
     try:
