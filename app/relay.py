@@ -14,7 +14,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from app import metrics, sse
+from app import metrics, sse, turnpolicy
 from app.auth.principal import Principal
 from app.errors import Code, GatewayError
 from app.http import error_response
@@ -183,6 +183,11 @@ async def _relay_json(turn: HttpTurn, upstream: HttpReply, transport: Transport)
     except (orjson.JSONDecodeError, RecursionError, ValueError):
         value = None
     response = value if isinstance(value, dict) else None
+    if upstream.status == 401:
+        err = turnpolicy.credential_refused()
+        metrics.count_error(err.code)
+        turn.record(error_code=str(err.code), status="error")
+        return error_response(err)
     if upstream.status >= 400:
         error = response.get("error") if response else None
         code = _str(error.get("code")) if isinstance(error, dict) else None

@@ -134,6 +134,18 @@ def on_handshake_failure(detail: str) -> Verdict:
     )
 
 
+def credential_refused() -> GatewayError:
+    """OpenAI answered an HTTP request (the POST relay, the session's HTTP fallback) with 401:
+    it refused the operator's upstream credential, not the customer's key, which the gateway
+    accepted. A 502, as the same refusal of the upstream WebSocket's handshake is: passing the
+    401 on would tell the customer's client that its own key is wrong."""
+    return GatewayError(
+        Code.UPSTREAM_WEBSOCKET_HANDSHAKE_FAILED,
+        "OpenAI refused this gateway's upstream credential (HTTP 401); your own key was "
+        "accepted. The gateway's operator has to fix the credential.",
+    )
+
+
 def on_unremembered_fallback(previous_response_id: str) -> Verdict:
     """The HTTP fallback of a chained turn whose chain the memory does not hold: no guessing."""
     return Verdict(

@@ -548,6 +548,9 @@ class UpstreamLink:
                 if self.owner.turn is not turn or not await self._forward(None, data):
                     return
         except UpstreamHTTPError as exc:
+            if exc.status == 401:
+                await self.owner.end_turn(turn, "error", error=turnpolicy.credential_refused())
+                return
             event = {"type": "error", "status": exc.status, "error": exc.body["error"]}
             if stream_id is not None:
                 event["stream_id"] = stream_id

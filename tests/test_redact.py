@@ -111,14 +111,16 @@ async def post(gateway: Gateway, tenant: Tenant, body: dict[str, Any]) -> tuple[
 
 @WRONG_UPSTREAM
 @pytest.mark.parametrize("stream", [False, True])
-async def test_the_relay_passes_the_401_on_without_the_key(
+async def test_the_relay_answers_an_upstream_401_with_a_502_that_blames_no_customer_key(
     gateway: Gateway, tenant: Tenant, sim: Sim, stream: bool
 ) -> None:
+    """The customer's key was accepted: a 401 passed on would send its client after the wrong
+    key. A 502, as for the upstream WebSocket's refused handshake."""
     status, raw = await post(gateway, tenant, {"model": MODEL, "input": "x", "stream": stream})
-    assert status == 401
+    assert status == 502
     error = orjson.loads(raw)["error"]
-    assert error["code"] == "invalid_api_key"
-    assert error["message"].startswith(f"Incorrect API key provided: {REDACTED}. You can find")
+    assert (error["code"], error["type"]) == ("upstream_websocket_handshake_failed", "server_error")
+    assert "upstream credential (HTTP 401)" in error["message"]
     assert not leaked(raw.decode())
     # The simulator really did quote it: the gateway is what kept it back.
     requests = await sim.requests()

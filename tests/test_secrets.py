@@ -221,15 +221,19 @@ async def wrong_upstream_key(client: Client, sim: Sim, monkeypatch: pytest.Monke
         "Could not open the upstream WebSocket to OpenAI: "
         "upstream refused the handshake with HTTP 401."
     )
-    # The silent close of a decimal temperature sends the turn over HTTP, which is refused.
+    # The silent close of a decimal temperature sends the turn over HTTP, which is refused: a
+    # 502 of the gateway's own, as for the handshake (the customer's key is not the one refused).
     fallback = await ws.turn(temperature=0.5, metadata={"sim_http_fault": "status_401"})
-    assert (fallback["status"], fallback["error"]["code"]) == (401, "invalid_api_key"), fallback
-    assert "Incorrect API key provided: [redacted]." in fallback["error"]["message"]
+    assert (fallback["status"], fallback["error"]["code"]) == (
+        502,
+        "upstream_websocket_handshake_failed",
+    ), fallback
+    assert "upstream credential (HTTP 401)" in fallback["error"]["message"]
     await ws.ws.close()
     wrong = {"model": MODEL, "input": "red", "metadata": {"sim_http_fault": "status_401"}}
     for body in (wrong, {**wrong, "stream": True}):
-        assert await client.http_call("POST", "/v1/responses", red["key"], body) == 401
-    assert "Incorrect API key provided: [redacted]." in client.received[-1]
+        assert await client.http_call("POST", "/v1/responses", red["key"], body) == 502
+        assert "upstream credential (HTTP 401)" in client.received[-1]
     seen = [h["headers"].get("authorization") for h in await sim.handshakes()]
     assert f"Bearer {RED_UPSTREAM_KEY}" in seen  # the refused key did go upstream
     key: str = red["key"]
