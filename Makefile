@@ -48,8 +48,8 @@ venv: $(STAMP)
 
 .PHONY: lock
 lock: venv
-	$(COMPILE) -o $(LOCK)
-	$(COMPILE) --extra dev -c $(LOCK) -o $(DEV_LOCK)
+	$(COMPILE) --extra build -o $(LOCK)
+	$(COMPILE) --extra build --extra dev -c $(LOCK) -o $(DEV_LOCK)
 
 .PHONY: lint
 lint: venv

@@ -1,7 +1,8 @@
 """The wheel, installed alone, is a working gateway.
 
-`python -m build --wheel` of a copy of the source tree; a fresh virtualenv gets the runtime lock
-(`--require-hashes`, as ops/Dockerfile installs it) and then the wheel with `--no-deps`; from a
+A fresh virtualenv gets the runtime lock (`--require-hashes`, as ops/Dockerfile installs it); the
+lock's setuptools there builds the wheel of a copy of the source tree without build isolation,
+and the venv gets it with `--no-deps`, as the image's build does; from a
 directory outside the source tree, that venv's `gateway migrate` creates and migrates a database
 that did not exist (the migrations come from the wheel's package data), and its `gateway serve`
 carries one turn from a real WebSocket client to the simulator and back.
@@ -85,15 +86,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         else:
             shutil.copy2(ROOT / name, source / name)
     started = time.monotonic()
-    # Without build isolation: the dev lock's setuptools builds it, and no index is asked.
-    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", dist, source], source)
-    (wheel,) = dist.glob("*.whl")
-    # The suite's pip installs into the new venv (--python): it needs no pip of its own.
+    # The suite's pip works on the new venv (--python): it needs no pip of its own.
     _run([sys.executable, "-m", "venv", "--without-pip", venv], base)
     pip: list[str | Path] = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
-    pip += ["install", "-q"]
-    _run([*pip, "--require-hashes", "-r", LOCK], base)
-    _run([*pip, "--no-deps", wheel], base)
+    _run([*pip, "install", "-q", "--require-hashes", "-r", LOCK], base)
+    # As ops/Dockerfile: without build isolation, so the lock's setuptools (just installed, with
+    # its hash) builds it, and no index is asked.
+    _run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, source], base)
+    (wheel,) = dist.glob("*.whl")
+    _run([*pip, "install", "-q", "--no-deps", wheel], base)
     print(f"\nwheel built and installed with the lock in {time.monotonic() - started:.1f} s")
     return Installed(venv, wheel, elsewhere)
 
