@@ -189,12 +189,19 @@ async def test_metrics_add_up_the_sockets_of_every_worker(
             samples = await scrape(http, served)
             assert samples["gateway_ws_connections_active"] == expected, samples
 
+        completed = 'gateway_responses_total{model="openai/gpt-test",status="completed"}'
+
+        async def turns_counted() -> None:
+            # A worker folds a turn's counts into its file just after the turn's last event
+            # went out (app/metrics.py `_Pending`): a scrape on the other worker may come first.
+            assert (await scrape(http, served))[completed] == 4
+
         await eventually(lambda: all_counted(sockets), interval=0.1)
+        await eventually(turns_counted, interval=0.1)
         for _ in range(8):  # whichever worker answers, it counts every worker's sockets
             samples = await scrape(http, served)
             assert samples["gateway_ws_connections_active"] == sockets
             assert samples['gateway_ws_connections_total{outcome="accepted"}'] == sockets
-            completed = 'gateway_responses_total{model="openai/gpt-test",status="completed"}'
             assert samples[completed] == 4
             assert samples["gateway_redis_up"] == 1
             assert samples["process_resident_memory_bytes"] > 0
