@@ -39,9 +39,6 @@ class Places:
     def give(self) -> None:
         self.held -= 1
 
-    def close(self) -> None:
-        pass
-
 
 @contextmanager
 def _locked(fd: int) -> Iterator[None]:
@@ -71,23 +68,17 @@ class SharedPlaces(Places):
         self._index = index
 
     def take(self) -> bool:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with _locked(self._fd):
             if sum(self._slots) >= self.cap:
                 return False
             self.held += 1
             self._slots[self._index] = self.held
             return True
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def give(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with _locked(self._fd):
             self.held -= 1
             self._slots[self._index] = self.held
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def node_total(self) -> int:
         with _locked(self._fd):
