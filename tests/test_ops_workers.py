@@ -24,6 +24,7 @@ import asyncpg
 import orjson
 from conftest import UPSTREAM_KEY, Sim, Tenant, create, eventually, make_tenant, recv, send, turn
 from prometheus_client.parser import text_string_to_metric_families
+from test_ws_handshake import grab as ws_grab
 
 from app.keystore import KeyStore
 
@@ -244,13 +245,8 @@ async def test_the_socket_cap_is_the_nodes_across_its_workers(
     ):
 
         async def grab() -> int:
-            try:
-                await stack.enter_async_context(
-                    http.ws_connect(served.ws_url(), headers=served.headers)
-                )
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status
-            return 101
+            status, _ = await ws_grab(stack, http, served.ws_url(), served.headers)
+            return status
 
         got = await asyncio.gather(*(grab() for _ in range(16)))
         assert sorted(got) == [101] * 6 + [503] * 10, got

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from conftest import Connect, Gateway, Tenant, create, make_tenant, recv, send
+from conftest import Connect, Gateway, Tenant, create, eventually, make_tenant, recv, send
 from test_ws_checks import assert_error, assert_usable
 
 from app.models import Limits
+from app.node import NODE
 
 
-@contextlib.asynccontextmanager
-async def http_socket(
-    gateway: Gateway, headers: dict[str, str]
-) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-    async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(gateway.url("/v1/responses"), headers=headers) as ws:
-            yield ws
+async def grab(
+    stack: contextlib.AsyncExitStack,
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+) -> tuple[int, aiohttp.ClientWebSocketResponse | None]:
+    """A socket kept open till `stack` closes (101 and the socket), or the status its
+    handshake was refused with."""
+    try:
+        ws = await stack.enter_async_context(http.ws_connect(url, headers=headers))
+    except aiohttp.WSServerHandshakeError as exc:
+        return exc.status, None
+    return 101, ws
 
 
 async def handshake(
@@ -128,34 +134,29 @@ async def test_node_full_is_503(gateway: Gateway, tenant: Tenant, connect: Conne
         await assert_usable(ws)
         status, body, _ = await handshake(gateway, {"Authorization": f"Bearer {tenant.key}"})
         assert (status, body["error"]["code"]) == (503, "server_overloaded")
-    await asyncio.sleep(0.1)
+    places = gateway.app[NODE].places
+    await eventually(lambda: places.held == 0)  # the closed socket's handler has ended
     async with connect() as ws:  # a refused handshake took no slot; a closed socket freed its own
         await assert_usable(ws)
 
 
 @pytest.mark.parametrize("settings_overrides", [{"GATEWAY_MAX_SOCKETS": 5}])
 async def test_node_cap_holds_against_a_burst_of_handshakes(
-    gateway: Gateway, tenant: Tenant
+    gateway: Gateway, tenant: Tenant, connect: Connect
 ) -> None:
     """20 handshakes at once against a cap of 5 (a balancer's reconnect storm): each one is
     counted from its check, not from when its socket opens, so 5 are served and 15 refused."""
     headers = {"Authorization": f"Bearer {tenant.key}"}
+    url = gateway.url("/v1/responses")
     async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as stack:
-
-        async def one() -> int:
-            try:
-                ws = await stack.enter_async_context(
-                    http.ws_connect(gateway.url("/v1/responses"), headers=headers)
-                )
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status
-            await assert_usable(ws)
-            return 101
-
-        got = await asyncio.gather(*(one() for _ in range(20)))
-        assert sorted(got) == [101] * 5 + [503] * 15, got
-    await asyncio.sleep(0.1)
-    async with http_socket(gateway, headers) as ws:  # every place is free again
+        got = await asyncio.gather(*(grab(stack, http, url, headers) for _ in range(20)))
+        assert sorted(status for status, _ in got) == [101] * 5 + [503] * 15, got
+        for _, ws in got:
+            if ws is not None:
+                await assert_usable(ws)
+    places = gateway.app[NODE].places
+    await eventually(lambda: places.held == 0)  # each handler gives its place back as it ends
+    async with connect() as ws:
         await assert_usable(ws)
 
 
